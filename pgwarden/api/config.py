@@ -1,0 +1,189 @@
+"""The proxy configuration (the *bundle*): the local config file and the operator's ConfigMap.
+
+The schema is a contract (see ARCHITECTURE.md). Fields the contract does not name (`limits`,
+`logging`) are additions with safe defaults.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from pgwarden.api.policy import AccessPolicySpec, Duration, Model
+
+
+class TlsFiles(Model):
+    cert_file: Path = Field(alias="certFile")
+    key_file: Path = Field(alias="keyFile")
+
+
+class Listen(Model):
+    host: str = "0.0.0.0"
+    port: int = Field(default=5432, ge=0, le=65535)
+    tls: TlsFiles | None = None
+    insecure_plaintext: bool = Field(default=False, alias="insecurePlaintext")
+
+
+class SslMode(StrEnum):
+    DISABLE = "disable"
+    REQUIRE = "require"
+    VERIFY_CA = "verify-ca"
+    VERIFY_FULL = "verify-full"
+
+
+class Upstream(Model):
+    host: str
+    port: int = Field(default=5432, ge=1, le=65535)
+    database: str
+    username: str
+    password_file: Path | None = Field(default=None, alias="passwordFile")
+    password: str | None = Field(default=None, repr=False)  # tests only; prefer passwordFile
+    sslmode: SslMode = SslMode.VERIFY_FULL
+    ca_file: Path | None = Field(default=None, alias="caFile")
+    connect_timeout: Duration = Field(default=timedelta(seconds=10), alias="connectTimeout")
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> Upstream:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or passwordFile, not both")
+        if self.sslmode in (SslMode.VERIFY_CA, SslMode.VERIFY_FULL) and self.ca_file is None:
+            raise ValueError(f"sslmode {self.sslmode.value} needs caFile to verify the server")
+        return self
+
+    def read_password(self) -> str | None:
+        """The credential, read when needed (a rotated Secret is picked up on the next login)."""
+        if self.password_file is not None:
+            return self.password_file.read_text().rstrip("\r\n")
+        return self.password
+
+
+class Oidc(Model):
+    issuer: str
+    audience: str = "pgwarden"
+    jwks_uri: str | None = Field(default=None, alias="jwksUri")
+    username_claim: str = Field(default="email", alias="usernameClaim")
+    groups_claim: str = Field(default="groups", alias="groupsClaim")
+
+
+class Auth(Model):
+    oidc: Oidc
+
+
+class NamedPolicy(Model):
+    name: str = Field(min_length=1)
+    spec: AccessPolicySpec
+
+
+class S3Sink(Model):
+    bucket: str
+    prefix: str = "pgwarden/"
+    region: str | None = None
+    endpoint_url: str | None = Field(default=None, alias="endpointUrl")
+
+
+class FileSink(Model):
+    dir: Path
+
+
+class Sink(Model):
+    s3: S3Sink | None = None
+    file: FileSink | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Sink:
+        if (self.s3 is None) == (self.file is None):
+            raise ValueError("give exactly one of s3 or file")
+        return self
+
+
+class Recording(Model):
+    spool_dir: Path = Field(default=Path("/var/lib/pgwarden/spool"), alias="spoolDir")
+    sink: Sink | None = None
+
+
+class Approvals(Model):
+    backend: Literal["kubernetes", "file"] = "kubernetes"
+    namespace: str | None = None
+    dir: Path | None = None
+    hold_timeout: Duration = Field(default=timedelta(minutes=5), alias="holdTimeout")
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> Approvals:
+        if self.backend == "file" and self.dir is None:
+            raise ValueError("the file backend needs dir")
+        return self
+
+
+class Metrics(Model):
+    host: str = "0.0.0.0"
+    port: int | None = Field(default=9187, ge=0, le=65535)  # null: no HTTP endpoint
+
+
+class Limits(Model):
+    max_client_connections: int = Field(default=1000, ge=1, alias="maxClientConnections")
+    auth_timeout: Duration = Field(default=timedelta(seconds=30), alias="authTimeout")
+    # Query, Parse, Bind and FunctionCall are held whole to inspect them; CopyData and result
+    # rows stream through, so this bounds a session's memory, not the size of a result.
+    max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, alias="maxMessageBytes")
+    shutdown_grace: Duration = Field(default=timedelta(seconds=30), alias="shutdownGrace")
+
+
+class Logging(Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ProxyConfig(Model):
+    connection: str = Field(min_length=1)
+    listen: Listen = Field(default_factory=Listen)
+    upstream: Upstream
+    auth: Auth
+    policies: list[NamedPolicy] = Field(default_factory=list)
+    recording: Recording = Field(default_factory=Recording)
+    approvals: Approvals = Field(default_factory=Approvals)
+    metrics: Metrics = Field(default_factory=Metrics)
+    limits: Limits = Field(default_factory=Limits)
+    logging: Logging = Field(default_factory=Logging)
+
+    @model_validator(mode="after")
+    def _unique_policy_names(self) -> ProxyConfig:
+        names = [p.name for p in self.policies]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"policy names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+def load_config(path: Path) -> ProxyConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config file must hold a mapping at the top level")
+    try:
+        return ProxyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: invalid config:\n{format_validation_error(e)}") from e
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, naming the field as a dotted path (`upstream.sslmode: ...`)."""
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling against the documented schema)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
