@@ -1,0 +1,233 @@
+"""`pgwarden demo`: the whole data path on one machine, no cluster.
+
+A throwaway PostgreSQL with sample data (TLS, scram-sha-256), a local OIDC issuer, the proxy
+(TLS on both sides), and a short scripted agent session with real psql. Then it prints what the
+proxy saw.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pgwarden.api.config import ProxyConfig
+from pgwarden.embedded.certs import make_certs
+from pgwarden.embedded.issuer import LocalIssuer
+from pgwarden.embedded.postgres import ThrowawayPostgres
+
+SAMPLE_DATA = """
+CREATE TABLE customers (
+    id     serial PRIMARY KEY,
+    name   text NOT NULL,
+    email  text NOT NULL,
+    ssn    text,
+    card   text
+);
+CREATE TABLE orders (
+    id          serial PRIMARY KEY,
+    customer_id int REFERENCES customers(id),
+    total       numeric(10,2) NOT NULL,
+    placed_at   timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO customers (name, email, ssn, card) VALUES
+  ('Ada Lovelace',  'ada@example.org',   '078-05-1120', '4111 1111 1111 1111'),
+  ('Alan Turing',   'alan@example.org',  '219-09-9999', '5500 0000 0000 0004'),
+  ('Grace Hopper',  'grace@example.org', '457-55-5462', '3400 0000 0000 009');
+INSERT INTO orders (customer_id, total)
+  SELECT 1 + (g % 3), round((random() * 200)::numeric, 2) FROM generate_series(1, 250) g;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO pgwarden_demo;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO pgwarden_demo;
+"""
+
+AGENT_SCRIPT = [
+    ("look around", "SELECT count(*) AS customers FROM customers"),
+    ("read some rows", "SELECT id, name, email FROM customers ORDER BY id LIMIT 3"),
+    ("aggregate", "SELECT customer_id, count(*), sum(total) FROM orders GROUP BY 1 ORDER BY 1"),
+    ("two statements at once", "SELECT now(); SELECT current_user"),
+    ("a failing statement", "SELECT * FROM no_such_table"),
+    (
+        "a write (a policy will hold or refuse it once guardrails apply)",
+        "UPDATE orders SET total = total WHERE id = 1",
+    ),
+]
+
+
+def _psql(port: int, token: str, ca: Path, sql: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PGPASSWORD": token,
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": str(ca),
+        "PGAPPNAME": "demo-agent",
+        "PGCONNECT_TIMEOUT": "10",
+    }
+    env.pop("PGOPTIONS", None)
+    return subprocess.run(
+        [
+            "psql",
+            "-X",
+            "-h",
+            "localhost",
+            "-p",
+            str(port),
+            "-U",
+            "agent",
+            "-d",
+            "shop",
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-c",
+            sql,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())
+
+
+def main(keep_running: bool = False) -> int:
+    from pgwarden_proxy.events import FanoutSink, LogEventSink, MemoryEventSink
+    from pgwarden_proxy.thread import ProxyThread
+
+    from pgwarden import logs
+
+    if shutil.which("psql") is None:
+        print("pgwarden demo needs psql (PostgreSQL client) on PATH", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="pgwarden-demo-"))
+    log_path = workdir / "proxy.log"
+    with log_path.open("w") as log_file:
+        logs.configure("info", log_file)
+        print("pgwarden demo: starting a throwaway PostgreSQL (TLS, scram-sha-256) ...")
+        with ThrowawayPostgres(tls=True) as pg, LocalIssuer() as issuer:
+            db_password = secrets.token_urlsafe(18)
+            pg.create_role("pgwarden_demo", db_password)
+            pg.create_database("shop")
+            pg.sql(SAMPLE_DATA, dbname="shop")
+            certs = make_certs(workdir / "proxy-tls")
+            memory = MemoryEventSink()
+            config = ProxyConfig.model_validate(
+                {
+                    "connection": "shop-db",
+                    "listen": {
+                        "host": "127.0.0.1",
+                        "port": 0,
+                        "tls": {"certFile": str(certs.cert), "keyFile": str(certs.key)},
+                    },
+                    "upstream": {
+                        "host": "localhost",
+                        "port": pg.port,
+                        "database": "shop",
+                        "username": "pgwarden_demo",
+                        "password": db_password,
+                        "sslmode": "verify-full",
+                        "caFile": str(pg.ca_file),
+                    },
+                    "auth": {"oidc": {"issuer": issuer.issuer, "audience": "pgwarden"}},
+                    "policies": [
+                        {
+                            "name": "ai-agents-readonly",
+                            "spec": {
+                                "connections": ["shop-db"],
+                                "subjects": {"groups": ["ai-agents"]},
+                                "access": "read-only",
+                                "guardrails": {
+                                    "deny": ["ddl", "drop", "truncate"],
+                                    "maxRows": 1000,
+                                },
+                                "masking": [
+                                    {"columns": ["public.customers.ssn"], "strategy": "redact"}
+                                ],
+                            },
+                        }
+                    ],
+                    "metrics": {"host": "127.0.0.1", "port": 0},
+                }
+            )
+            with ProxyThread(config, sink=FanoutSink(memory, LogEventSink())) as proxy:
+                port = proxy.port
+                print(
+                    f"pgwarden demo: issuer {issuer.issuer}, proxy on localhost:{port} "
+                    f"(TLS), database behind it on port {pg.port}\n"
+                )
+                token = issuer.mint(
+                    sub="agent-7", email="agent@example.com", groups=["ai-agents"], lifetime=900
+                )
+                print("== An AI agent logs in with its OIDC token as the password ==\n")
+                for title, sql in AGENT_SCRIPT:
+                    res = _psql(port, token, certs.ca_cert, sql)
+                    print(f"-- {title}\n   agent> {sql}")
+                    if res.stdout.strip():
+                        print(_indent(res.stdout))
+                    if res.stderr.strip():
+                        print(_indent(res.stderr))
+                    print()
+                print("== Logins the proxy refuses ==\n")
+                outsider = issuer.mint(
+                    sub="x-1", email="intruder@example.com", groups=["contractors"]
+                )
+                expired = issuer.mint(
+                    sub="agent-7",
+                    email="agent@example.com",
+                    groups=["ai-agents"],
+                    issued_at=time.time() - 7200,
+                    lifetime=600,
+                )
+                for title, tok in [
+                    ("a token no policy grants access", outsider),
+                    ("an expired token", expired),
+                    ("a made-up password", "hunter2"),
+                ]:
+                    res = _psql(port, tok, certs.ca_cert, "SELECT 1")
+                    print(f"-- {title}\n{_indent(res.stderr or res.stdout)}\n")
+                if keep_running:
+                    _keep_running(port, certs.ca_cert, issuer)
+                time.sleep(0.2)  # let the last session's end event land
+        print("== What the proxy saw ==\n")
+        for s in memory.sessions:
+            if s.type == "session_start":
+                d = s.details
+                print(
+                    f"session {s.session_id[:8]}  {s.identity}  groups={d['groups']}  "
+                    f"policies={d['policies']}  app={d['application_name']}  tls={d['tls']}"
+                )
+        print()
+        print(f"{'decision':8}  {'classes':18}  {'rows':>5}  {'ms':>7}  statement / outcome")
+        for ev in memory.statements:
+            outcome = (
+                f"  -> {ev.error['sqlstate']} {ev.error['message']}"
+                if ev.error
+                else (f"  -> {ev.command_tag}")
+            )
+            print(
+                f"{ev.decision:8}  {','.join(ev.classes):18}  {ev.rows:>5}  "
+                f"{ev.duration_ms:7.2f}  {ev.statement}{outcome}"
+            )
+        print(f"\nStructured proxy log (JSON lines, no secrets): {log_path}")
+    return 0
+
+
+def _keep_running(port: int, ca: Path, issuer: LocalIssuer) -> None:
+    token = issuer.mint(sub="you", email="you@example.com", groups=["ai-agents"], lifetime=3600)
+    print("== Your turn (Ctrl-C to stop) ==\n")
+    print(
+        f"  PGPASSWORD='{token}' \\\n  psql 'host=localhost port={port} dbname=shop user=you "
+        f"sslmode=verify-full sslrootcert={ca}'\n"
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,106 @@
+"""What the proxy saw: one event per statement and per session start/end.
+
+In this version events go to the structured log; the recorder (S3, hash chain) plugs in as
+another `EventSink`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class StatementEvent:
+    session_id: str
+    connection: str
+    identity: str
+    statement: str
+    fingerprint: str | None
+    classes: tuple[str, ...]
+    command: str
+    parameters: list[str | None] | None
+    protocol: str  # simple | extended
+    decision: str  # allow | refuse
+    policy: str | None
+    start: float  # epoch seconds
+    duration_ms: float = 0.0
+    rows: int = 0
+    bytes: int = 0
+    command_tag: str | None = None
+    error: dict[str, str] | None = None  # {"sqlstate": ..., "message": ...}
+    suspended: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["start"] = iso(self.start)
+        d["duration_ms"] = round(self.duration_ms, 3)
+        return d
+
+
+@dataclass(slots=True)
+class SessionEvent:
+    type: str  # session_start | session_end
+    session_id: str
+    connection: str
+    identity: str
+    time: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["time"] = iso(self.time)
+        return d
+
+
+class EventSink(Protocol):
+    def statement(self, event: StatementEvent) -> None: ...
+
+    def session(self, event: SessionEvent) -> None: ...
+
+
+class LogEventSink:
+    """Events as structured log records on the `pgwarden.events` logger."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("pgwarden.events")
+
+    def statement(self, event: StatementEvent) -> None:
+        if self._log.isEnabledFor(logging.INFO):
+            self._log.info("statement", extra={"event": event.as_dict()})
+
+    def session(self, event: SessionEvent) -> None:
+        self._log.info(event.type, extra={"event": event.as_dict()})
+
+
+class MemoryEventSink:
+    """Keeps events in memory (tests, the demo)."""
+
+    def __init__(self) -> None:
+        self.statements: list[StatementEvent] = []
+        self.sessions: list[SessionEvent] = []
+
+    def statement(self, event: StatementEvent) -> None:
+        self.statements.append(event)
+
+    def session(self, event: SessionEvent) -> None:
+        self.sessions.append(event)
+
+
+class FanoutSink:
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = sinks
+
+    def statement(self, event: StatementEvent) -> None:
+        for s in self.sinks:
+            s.statement(event)
+
+    def session(self, event: SessionEvent) -> None:
+        for s in self.sinks:
+            s.session(event)

@@ -1,0 +1,32 @@
+"""Running a proxy process: event loop, signals, exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pgwarden.api.config import ProxyConfig
+from pgwarden_proxy.server import ProxyServer
+
+log = logging.getLogger("pgwarden.proxy")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(config: ProxyConfig) -> int:
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(ProxyServer(config).serve_forever())
+    except OSError as e:
+        log.error("cannot start the proxy", extra={"error": str(e)})
+        return 1
+    finally:
+        loop.close()
+    return 0

@@ -1,0 +1,78 @@
+"""Prometheus metrics of one proxy (its own registry, so several proxies can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class ProxyMetrics:
+    def __init__(self, connection: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"connection": connection}
+        r = self.registry
+        self.connections = Gauge(
+            "pgwarden_client_connections", "Open client connections", registry=r
+        )
+        self.sessions_total = Counter(
+            "pgwarden_sessions", "Authenticated sessions started", registry=r
+        )
+        self.auth_failures = Counter(
+            "pgwarden_auth_failures", "Refused logins by reason", ["reason"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "pgwarden_upstream_errors", "Failed upstream logins by reason", ["reason"], registry=r
+        )
+        self.statements = Counter(
+            "pgwarden_statements",
+            "Statements by class and decision (a statement counts once per class)",
+            ["class_", "decision"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "pgwarden_statement_duration_seconds",
+            "Statement latency seen by the proxy",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_to_client = Counter(
+            "pgwarden_bytes_to_client", "Bytes relayed from the database to clients", registry=r
+        )
+        self.bytes_to_server = Counter(
+            "pgwarden_bytes_to_server", "Bytes relayed from clients to the database", registry=r
+        )
+        self.protocol_violations = Counter(
+            "pgwarden_protocol_violations", "Connections closed for malformed input", registry=r
+        )
+        self.info = Gauge("pgwarden_info", "Proxy identity", list(labels), registry=r)
+        self.info.labels(**labels).set(1)
+        # Cache labelled children: .labels() costs a dict lookup plus locking on every call.
+        self._stmt_children: dict[tuple[str, str], Counter] = {}
+
+    def statement(self, classes: tuple[str, ...], decision: str, seconds: float) -> None:
+        for c in classes:
+            child = self._stmt_children.get((c, decision))
+            if child is None:
+                child = self._stmt_children[(c, decision)] = self.statements.labels(c, decision)
+            child.inc()
+        self.latency.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

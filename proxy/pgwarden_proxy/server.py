@@ -1,0 +1,207 @@
+"""The listening proxy: accepts clients, owns shared state, cancels, health and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+
+from pgwarden.api.config import NamedPolicy, ProxyConfig
+from pgwarden_proxy import upstream
+from pgwarden_proxy.auth.oidc import Identity, OidcVerifier
+from pgwarden_proxy.decision import AllowAll, Decider
+from pgwarden_proxy.endpoint import Endpoint
+from pgwarden_proxy.events import EventSink, LogEventSink
+from pgwarden_proxy.http import HealthServer
+from pgwarden_proxy.metrics import ProxyMetrics
+from pgwarden_proxy.session import Session, new_backend_key
+from pgwarden_proxy.sql.classify import Analyzer
+from pgwarden_proxy.wire.messages import ErrorInfo
+
+log = logging.getLogger("pgwarden.proxy")
+
+
+def server_tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
+    tls = config.listen.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+class _ClientEndpoint(Endpoint):
+    def __init__(self, server: ProxyServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._server._accepted(self, transport)
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        sink: EventSink | None = None,
+        decider: Decider | None = None,
+        verifier: OidcVerifier | None = None,
+    ) -> None:
+        self.config = config
+        self.sink: EventSink = sink or LogEventSink()
+        self.decider: Decider = decider or AllowAll()
+        self.verifier = verifier or OidcVerifier(config.auth.oidc)
+        self.analyzer = Analyzer()
+        self.metrics = ProxyMetrics(config.connection)
+        self.tls_context = server_tls_context(config)
+        self.sessions: dict[int, Session] = {}  # by our backend pid
+        self.clients = 0
+        self.draining = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._health: HealthServer | None = None
+        self._stopped: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ policies
+    def policies_for(self, identity: Identity) -> list[NamedPolicy]:
+        name = self.config.connection
+        return [
+            p
+            for p in self.config.policies
+            if p.spec.selects(name) and p.spec.grants(identity.username, identity.groups)
+        ]
+
+    # ------------------------------------------------------------------ sessions
+    @property
+    def over_capacity(self) -> bool:
+        return self.clients > self.config.limits.max_client_connections
+
+    def register(self, session: Session) -> tuple[int, int]:
+        while True:
+            key = new_backend_key()
+            if key[0] not in self.sessions:
+                self.sessions[key[0]] = session
+                return key
+
+    def unregister(self, session: Session) -> None:
+        if self.sessions.get(session.key[0]) is session:
+            del self.sessions[session.key[0]]
+
+    async def cancel(self, pid: int, secret: int) -> None:
+        """Forward a cancel only when both halves of the key match one of our sessions."""
+        session = self.sessions.get(pid)
+        if session is None or not hmac.compare_digest(
+            session.key[1].to_bytes(4, "big"), (secret & 0xFFFFFFFF).to_bytes(4, "big")
+        ):
+            log.info("cancel request with an unknown key ignored")
+            return
+        up = session.upstream
+        if up is None:
+            return
+        try:
+            await upstream.send_cancel(self.config.upstream, up.backend_pid, up.backend_secret)
+            log.info("cancel forwarded", extra={"session_id": session.id})
+        except (upstream.UpstreamError, OSError) as e:
+            log.warning("cancel could not be forwarded", extra={"error": str(e)})
+
+    def _accepted(self, ep: Endpoint, transport: asyncio.BaseTransport) -> None:
+        self.clients += 1
+        self.metrics.connections.set(self.clients)
+        peername = transport.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        task = asyncio.get_running_loop().create_task(self._serve(ep, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, ep: Endpoint, peer: str) -> None:
+        try:
+            await Session(self, ep, peer).run()
+        except Exception:
+            # One broken session must never take the proxy down for the others.
+            log.exception("session failed", extra={"peer": peer})
+            ep.abort()
+        finally:
+            self.clients -= 1
+            self.metrics.connections.set(self.clients)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        await self.verifier.start()
+        listen = self.config.listen
+        self._server = await loop.create_server(
+            lambda: _ClientEndpoint(self),
+            listen.host,
+            listen.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        if self.config.metrics.port is not None:
+            self._health = HealthServer(self, self.config.metrics.host, self.config.metrics.port)
+            await self._health.start()
+        log.info(
+            "listening",
+            extra={
+                "host": listen.host,
+                "port": self.port,
+                "connection": self.config.connection,
+                "tls": self.tls_context is not None,
+            },
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._server is not None and not self.draining
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health.port if self._health else None
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let running statements finish, then end every session with 57P01."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.config.limits.shutdown_grace.total_seconds() if grace is None else grace
+        if self._server is not None:
+            self._server.close()
+        info = ErrorInfo(
+            "57P01",
+            "terminating connection due to administrator command",
+            "FATAL",
+            hint="pgwarden is shutting down; reconnect to another replica",
+        )
+        for s in list(self.sessions.values()):
+            s.terminate(info, reason="proxy shutdown", when_idle=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            if pending:
+                for s in list(self.sessions.values()):
+                    s.terminate(info, reason="proxy shutdown (grace period over)")
+                _, pending = await asyncio.wait(pending, timeout=2)
+                for t in pending:
+                    t.cancel()
+        if self._health is not None:
+            await self._health.stop()
+        if self._stopped is not None:
+            self._stopped.set()
+        log.info("stopped")
+
+    async def serve_forever(self, install_signals: bool = True) -> None:
+        await self.start()
+        assert self._stopped is not None
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            shutdown: Callable[[], object] = lambda: loop.create_task(self.shutdown())  # noqa: E731
+            loop.add_signal_handler(signal.SIGTERM, shutdown)
+            loop.add_signal_handler(signal.SIGINT, shutdown)
+        await self._stopped.wait()

@@ -1,0 +1,204 @@
+"""Matching the server's responses to the client's requests, sans-IO.
+
+Every frontend message that gets a response is queued; each backend message advances the head
+of the queue. This is how the proxy knows, under pipelining and the extended protocol, which
+statement a CommandComplete or an ErrorResponse belongs to (rows, duration, tag, error), and how
+a refusal is answered in the right place of the stream: a refused request is replaced upstream by
+a harmless request that fails (so the server's transaction state follows, exactly as if the
+statement had failed there) and its ErrorResponse is swapped for ours.
+
+PostgreSQL's rules used here ("Extended Query" in the protocol docs): after an error in an
+extended-protocol batch the server skips every message up to Sync, then answers ReadyForQuery;
+a simple Query answers ReadyForQuery at its end, and stops at its first failing statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from pgwarden_proxy.events import StatementEvent
+from pgwarden_proxy.wire.framing import Message
+from pgwarden_proxy.wire.messages import ErrorInfo, parse_fields
+
+log = logging.getLogger("pgwarden.tracker")
+
+
+class Kind(IntEnum):
+    PARSE = 1
+    BIND = 2
+    DESCRIBE_STATEMENT = 3
+    DESCRIBE_PORTAL = 4
+    EXECUTE = 5
+    CLOSE = 6
+    SYNC = 7
+    QUERY = 8  # also a refused FunctionCall: both end with ReadyForQuery
+
+
+_SIMPLE = (Kind.SYNC, Kind.QUERY)
+_DESCRIBE = (Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL)
+
+
+@dataclass(slots=True)
+class Op:
+    """One statement execution in flight."""
+
+    event: StatementEvent
+    t0: float = 0.0  # perf_counter at start
+
+
+@dataclass(slots=True)
+class Pending:
+    kind: Kind
+    ops: list[Op] = field(default_factory=list)
+    index: int = 0
+    refusal: ErrorInfo | None = None  # our error replaces the server's answer to this request
+    got_parameter_description: bool = False
+
+    @property
+    def op(self) -> Op | None:
+        return self.ops[self.index] if self.index < len(self.ops) else None
+
+
+Emit = Callable[[StatementEvent], None]
+
+
+def _tag_rows(tag: str) -> int:
+    last = tag.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+class Tracker:
+    def __init__(self, emit: Emit) -> None:
+        self._emit = emit
+        self.pending: deque[Pending] = deque()
+        self.transaction_status = b"I"
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: the server has answered everything the client sent."""
+        return not self.pending
+
+    # ------------------------------------------------------------------ client side
+    def request(
+        self, kind: Kind, ops: list[Op] | None = None, refusal: ErrorInfo | None = None
+    ) -> None:
+        p = Pending(kind, ops or [], refusal=refusal)
+        if p.ops:
+            # a pipelined statement's clock starts when it is sent, queueing included
+            p.ops[0].t0 = time.perf_counter()
+        self.pending.append(p)
+
+    # ------------------------------------------------------------------ server side
+    def server(self, msg: Message) -> bytes | None:
+        """Account for one backend message; returns the bytes to send the client (None: drop)."""
+        head = self.pending[0] if self.pending else None
+        if head is not None and (msg.rows or msg.row_bytes):
+            op = head.op
+            if op is not None:
+                op.event.rows += msg.rows
+                op.event.bytes += msg.row_bytes
+        t = msg.type
+        if head is not None and head.refusal is not None:
+            return self._refused(head, msg)
+        if t == 90:  # Z ReadyForQuery
+            self.transaction_status = msg.body[:1]
+            self._ready()
+            return msg.raw
+        if head is None:
+            return msg.raw  # asynchronous: notices, notifications, parameter status, FATAL
+        if t == 67 or t == 73:  # C CommandComplete, I EmptyQueryResponse
+            self._complete(head, msg.body[:-1].decode(errors="replace") if t == 67 else None)
+        elif t == 115:  # s PortalSuspended
+            op = head.op
+            if op is not None:
+                op.event.suspended = True
+            self._complete(head, None)
+        elif t == 69:  # E ErrorResponse
+            self._error(head, msg.body)
+        elif t == 49:  # 1 ParseComplete
+            self._pop(head, Kind.PARSE)
+        elif t == 50:  # 2 BindComplete
+            self._pop(head, Kind.BIND)
+        elif t == 51:  # 3 CloseComplete
+            self._pop(head, Kind.CLOSE)
+        elif t == 116:  # t ParameterDescription
+            head.got_parameter_description = True
+        elif (t == 84 or t == 110) and head.kind in _DESCRIBE:  # T RowDescription, n NoData
+            self.pending.popleft()
+        # anything else (copy responses, notices, ...) needs no bookkeeping
+        return msg.raw
+
+    def _pop(self, head: Pending, kind: Kind) -> None:
+        if head.kind is kind:
+            self.pending.popleft()
+        else:
+            log.warning(
+                "response out of order", extra={"expected": head.kind.name, "got": kind.name}
+            )
+
+    def _finish(self, op: Op, tag: str | None, error: ErrorInfo | None) -> None:
+        ev = op.event
+        ev.duration_ms = (time.perf_counter() - op.t0) * 1000.0
+        if tag is not None:
+            ev.command_tag = tag
+            if not ev.rows:
+                ev.rows = _tag_rows(tag)
+        if error is not None:
+            ev.error = {"sqlstate": error.sqlstate, "message": error.message}
+        self._emit(ev)
+
+    def _complete(self, head: Pending, tag: str | None) -> None:
+        op = head.op
+        if op is not None:
+            self._finish(op, tag, None)
+            head.index += 1
+            nxt = head.op
+            if nxt is not None:
+                nxt.t0 = time.perf_counter()
+        if head.kind is Kind.EXECUTE:
+            self.pending.popleft()
+
+    def _error(self, head: Pending, body: bytes) -> None:
+        fields = parse_fields(body)
+        info = ErrorInfo(fields.get("C", "XX000"), fields.get("M", ""), fields.get("S", "ERROR"))
+        op = head.op
+        if op is not None:
+            self._finish(op, None, info)
+            head.index = len(head.ops)  # a failed query runs none of its later statements
+        if head.kind not in _SIMPLE:
+            # extended protocol: the server now skips everything up to the next Sync
+            while self.pending and self.pending[0].kind is not Kind.SYNC:
+                self.pending.popleft()
+
+    def _ready(self) -> None:
+        while self.pending:
+            p = self.pending.popleft()
+            if p.kind in _SIMPLE:
+                return
+
+    def _refused(self, head: Pending, msg: Message) -> bytes | None:
+        """The server is answering our stand-in request: swap its error for our refusal."""
+        t = msg.type
+        if t == 69:  # E: the stand-in failed as intended
+            refusal = head.refusal
+            assert refusal is not None
+            for op in head.ops[head.index :]:
+                self._finish(op, None, refusal)
+            head.index = len(head.ops)
+            head.refusal = None
+            if head.kind not in _SIMPLE:
+                while self.pending and self.pending[0].kind is not Kind.SYNC:
+                    self.pending.popleft()
+            return refusal.encode()
+        if t == 90:
+            self.transaction_status = msg.body[:1]
+            self._ready()
+            return msg.raw
+        if t in (78, 65, 83):  # notices, notifications, parameter status pass through
+            return msg.raw
+        return None

@@ -1,0 +1,143 @@
+"""Incremental framing of typed v3 messages, sans-IO.
+
+The scanner cuts a byte stream into messages without ever holding a bulk message whole: types
+marked as *streamed* (DataRow, CopyData) pass through as raw byte runs, whatever their size and
+however the stream is split; every other message is yielded whole so the proxy can read it. The
+consumer may change which types stream between two yielded items (masking needs rows decoded
+from the RowDescription on), which is why `feed` is a generator.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+_HDR = struct.Struct("!BI")
+
+# PostgreSQL caps most frontend messages at PQ_SMALL_MESSAGE_LIMIT; these may be large.
+LARGE_FRONTEND_TYPES = frozenset(b"QPBFdfp")
+SMALL_MESSAGE_LIMIT = 10_000
+# A DataRow or CopyData can be up to 1 GB in PostgreSQL; beyond that a length is nonsense.
+STREAM_LIMIT = (1 << 30) + 64
+
+
+class ProtocolViolation(Exception):
+    """The peer sent bytes that are not the protocol; the connection must be closed (08P01)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One whole message. `rows`/`row_bytes`: DataRows streamed since the previous Message."""
+
+    type: int
+    body: bytes
+    raw: bytes
+    rows: int = 0
+    row_bytes: int = 0
+
+
+class Scanner:
+    """Splits one direction of a session into `bytes` runs (streamed) and `Message`s.
+
+    `streamed` holds message type bytes whose bodies pass through unread; `counted` is the type
+    whose messages are counted as rows (DataRow). Limits: a whole (non-streamed) message larger
+    than `max_message` — or than SMALL_MESSAGE_LIMIT for frontend types PostgreSQL keeps small
+    when `frontend` is set — is a ProtocolViolation, so an absurd length costs no memory.
+    """
+
+    __slots__ = (
+        "_counted",
+        "_frontend",
+        "_max_message",
+        "_partial",
+        "_row_bytes",
+        "_rows",
+        "_skip",
+        "streamed",
+    )
+
+    def __init__(
+        self,
+        *,
+        streamed: Iterable[int],
+        counted: int | None = None,
+        max_message: int,
+        frontend: bool = False,
+    ) -> None:
+        self.streamed = set(streamed)
+        self._counted = counted
+        self._max_message = max_message
+        self._frontend = frontend
+        self._partial = b""  # an incomplete header or whole message carried to the next feed
+        self._skip = 0  # bytes of a streamed message still to pass through
+        self._rows = 0
+        self._row_bytes = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no message is half-way through: a message may be injected here."""
+        return not self._partial and not self._skip
+
+    def feed(self, data: bytes) -> Iterator[bytes | Message]:
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        n = len(data)
+        pos = 0
+        if self._skip:
+            if self._skip >= n:
+                self._skip -= n
+                yield data
+                return
+            pos = self._skip
+            self._skip = 0
+        run_start = 0
+        unpack = _HDR.unpack_from
+        streamed = self.streamed
+        counted = self._counted
+        while pos < n:
+            if n - pos < 5:
+                break
+            typ, length = unpack(data, pos)
+            end = pos + 1 + length
+            if typ in streamed:
+                if length < 4 or length > STREAM_LIMIT:
+                    raise ProtocolViolation(f"invalid length {length} for message {chr(typ)!r}")
+                if typ == counted:
+                    self._rows += 1
+                    self._row_bytes += length + 1
+                if end > n:
+                    self._skip = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            self._check_length(typ, length)
+            if pos > run_start:
+                yield data[run_start:pos]
+            run_start = pos
+            if end > n:
+                break
+            msg = Message(typ, data[pos + 5 : end], data[pos:end], self._rows, self._row_bytes)
+            self._rows = 0
+            self._row_bytes = 0
+            pos = run_start = end
+            yield msg
+            # the consumer may have changed `streamed` while suspended
+            streamed = self.streamed
+        if run_start < pos:
+            yield data if run_start == 0 and pos == n else data[run_start:pos]
+        if pos < n:
+            self._partial = data[pos:]
+
+    def _check_length(self, typ: int, length: int) -> None:
+        if length < 4:
+            raise ProtocolViolation(f"invalid length {length} for message {chr(typ)!r}")
+        limit = self._max_message
+        if self._frontend and typ not in LARGE_FRONTEND_TYPES:
+            limit = SMALL_MESSAGE_LIMIT
+        if length > limit:
+            raise ProtocolViolation(
+                f"message {chr(typ)!r} of {length} bytes exceeds the limit of {limit} bytes"
+            )

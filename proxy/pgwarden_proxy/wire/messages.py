@@ -1,0 +1,231 @@
+"""Encoders and decoders of the PostgreSQL v3 messages the proxy writes or reads itself.
+
+Sans-IO: bytes in, bytes out. Message layout per the PostgreSQL docs, "Message Formats".
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+PROTOCOL_3_0 = 3 << 16
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+# Untyped startup packets longer than this are refused, like PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
+MAX_STARTUP_PACKET = 10_000
+
+_I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
+_I16 = struct.Struct("!h")
+_HDR = struct.Struct("!cI")
+
+
+def frame(type_: bytes, body: bytes = b"") -> bytes:
+    return _HDR.pack(type_, len(body) + 4) + body
+
+
+def cstr(s: str) -> bytes:
+    return s.encode() + b"\x00"
+
+
+# ---------------------------------------------------------------- backend messages (we send)
+
+
+def auth_ok() -> bytes:
+    return frame(b"R", _I32.pack(0))
+
+
+def auth_cleartext_password() -> bytes:
+    return frame(b"R", _I32.pack(3))
+
+
+def backend_key_data(pid: int, secret: int) -> bytes:
+    return frame(b"K", _I32.pack(pid) + _I32.pack(secret))
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return frame(b"S", cstr(name) + cstr(value))
+
+
+def ready_for_query(status: bytes) -> bytes:
+    return frame(b"Z", status)
+
+
+def negotiate_protocol_version(newest_minor: int, unsupported: Sequence[str]) -> bytes:
+    body = _I32.pack(newest_minor) + _I32.pack(len(unsupported))
+    return frame(b"v", body + b"".join(cstr(o) for o in unsupported))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An ErrorResponse/NoticeResponse in the fields a client shows (S, C, M, D, H)."""
+
+    sqlstate: str
+    message: str
+    severity: str = "ERROR"
+    detail: str | None = None
+    hint: str | None = None
+
+    def encode(self, type_: bytes = b"E") -> bytes:
+        fields = [(b"S", self.severity), (b"V", self.severity), (b"C", self.sqlstate)]
+        fields.append((b"M", self.message))
+        if self.detail:
+            fields.append((b"D", self.detail))
+        if self.hint:
+            fields.append((b"H", self.hint))
+        body = b"".join(code + cstr(value) for code, value in fields) + b"\x00"
+        return frame(type_, body)
+
+
+def error_response(info: ErrorInfo) -> bytes:
+    return info.encode(b"E")
+
+
+def notice_response(info: ErrorInfo) -> bytes:
+    return info.encode(b"N")
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse or NoticeResponse body, keyed by their one-letter code."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(body) and body[pos] != 0:
+        end = body.index(b"\x00", pos + 1)
+        out[chr(body[pos])] = body[pos + 1 : end].decode(errors="replace")
+        pos = end + 1
+    return out
+
+
+# ---------------------------------------------------------------- frontend messages (we send)
+
+
+def startup_message(params: Mapping[str, str]) -> bytes:
+    body = _I32.pack(PROTOCOL_3_0) + b"".join(cstr(k) + cstr(v) for k, v in params.items())
+    body += b"\x00"
+    return _I32.pack(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    return _I32.pack(8) + _I32.pack(SSL_REQUEST_CODE)
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    return _I32.pack(16) + _I32.pack(CANCEL_REQUEST_CODE) + _I32.pack(pid) + _I32.pack(secret)
+
+
+def password_message(payload: bytes) -> bytes:
+    return frame(b"p", payload)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return frame(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
+
+
+def terminate() -> bytes:
+    return frame(b"X")
+
+
+def describe_statement(name: str) -> bytes:
+    return frame(b"D", b"S" + cstr(name))
+
+
+def sync() -> bytes:
+    return frame(b"S")
+
+
+# ---------------------------------------------------------------- decoding helpers
+
+
+class Reader:
+    """Cursor over a message body; raises ValueError on a truncated or malformed body."""
+
+    __slots__ = ("body", "pos")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.pos = 0
+
+    def int32(self) -> int:
+        if self.pos + 4 > len(self.body):
+            raise ValueError("message body too short")
+        (v,) = _I32.unpack_from(self.body, self.pos)
+        self.pos += 4
+        return int(v)
+
+    def int16(self) -> int:
+        if self.pos + 2 > len(self.body):
+            raise ValueError("message body too short")
+        (v,) = _I16.unpack_from(self.body, self.pos)
+        self.pos += 2
+        return int(v)
+
+    def cstring(self) -> str:
+        end = self.body.find(b"\x00", self.pos)
+        if end < 0:
+            raise ValueError("string not terminated")
+        s = self.body[self.pos : end].decode("utf-8", errors="replace")
+        self.pos = end + 1
+        return s
+
+    def raw(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.body):
+            raise ValueError("message body too short")
+        v = self.body[self.pos : self.pos + n]
+        self.pos += n
+        return v
+
+    def rest(self) -> bytes:
+        v = self.body[self.pos :]
+        self.pos = len(self.body)
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class BindMessage:
+    portal: str
+    statement: str
+    param_formats: tuple[int, ...]
+    params: tuple[bytes | None, ...]
+
+    @staticmethod
+    def parse(body: bytes) -> BindMessage:
+        r = Reader(body)
+        portal = r.cstring()
+        statement = r.cstring()
+        formats = tuple(r.int16() for _ in range(r.int16()))
+        values: list[bytes | None] = []
+        for _ in range(r.int16()):
+            n = r.int32()
+            values.append(None if n == -1 else r.raw(n))
+        return BindMessage(portal, statement, formats, tuple(values))
+
+    def rendered_params(self) -> list[str | None]:
+        """Parameters as text for events: text format decoded, binary shown as hex bytea."""
+        out: list[str | None] = []
+        for i, value in enumerate(self.params):
+            if value is None:
+                out.append(None)
+                continue
+            fmt = (
+                self.param_formats[0]
+                if len(self.param_formats) == 1
+                else (self.param_formats[i] if i < len(self.param_formats) else 0)
+            )
+            out.append("\\x" + value.hex() if fmt == 1 else value.decode("utf-8", "replace"))
+        return out
+
+
+def parse_startup_params(r: Reader) -> dict[str, str]:
+    params: dict[str, str] = {}
+    while True:
+        name = r.cstring()
+        if not name:
+            return params
+        params[name] = r.cstring()
+
+
+def encode_many(messages: Iterable[bytes]) -> bytes:
+    return b"".join(messages)

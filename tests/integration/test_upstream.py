@@ -1,0 +1,174 @@
+"""The database side: credentials the client never sees, TLS modes, cancel, failures."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import psycopg
+import pytest
+from pgwarden.embedded.issuer import LocalIssuer
+from pgwarden.embedded.postgres import ThrowawayPostgres
+from pgwarden_proxy.wire import messages as m
+
+from tests.integration.conftest import APP_DB, Database, MakeProxy
+from tests.integration.rawpg import RawClient
+
+
+@pytest.mark.parametrize("method", ["md5", "password"])
+def test_md5_and_cleartext_upstream_auth(make_proxy: MakeProxy, db: Database, method: str) -> None:
+    user = f"app_{method}"
+    p = make_proxy(upstream={"username": user, "password": db.users[user]})
+    with psycopg.connect(p.dsn()) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (user,)
+
+
+def test_scram_upstream_auth_and_the_credential_stays_hidden(
+    make_proxy: MakeProxy, db: Database
+) -> None:
+    p = make_proxy()
+    with psycopg.connect(p.dsn()) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("pgwarden_app",)
+        assert conn.info.password != db.password
+
+
+def test_password_file_is_read(make_proxy: MakeProxy, db: Database, tmp_path) -> None:
+    f = tmp_path / "pw"
+    f.write_text(db.password + "\n")
+    p = make_proxy(upstream={"password": None, "passwordFile": str(f)})
+    with psycopg.connect(p.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_wrong_upstream_credential_is_a_deployment_error(make_proxy: MakeProxy) -> None:
+    p = make_proxy(upstream={"password": "definitely-wrong"})
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(p.dsn()).close()
+    assert info.value.sqlstate == "08004"
+    assert "configured credential" in str(info.value)
+    assert "definitely-wrong" not in str(info.value)
+
+
+def test_unreachable_upstream_is_reported_and_others_keep_working(make_proxy: MakeProxy) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()
+    bad = make_proxy(upstream={"port": dead_port})
+    good = make_proxy()
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(bad.dsn()).close()
+    assert info.value.sqlstate == "08001"
+    assert "could not connect" in str(info.value)
+    with psycopg.connect(good.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.fixture(scope="module")
+def tls_db(pg_tls: ThrowawayPostgres) -> tuple[ThrowawayPostgres, str]:
+    pw = "tls-app-password"
+    pg_tls.create_role("tls_app", pw)
+    pg_tls.create_database(APP_DB, owner="tls_app")
+    return pg_tls, pw
+
+
+@pytest.mark.parametrize(
+    ("host", "sslmode", "ca", "ok"),
+    [
+        ("localhost", "verify-full", True, True),
+        ("127.0.0.1", "verify-full", True, True),
+        ("localhost", "verify-ca", True, True),
+        ("localhost", "require", False, True),
+        ("localhost", "disable", False, True),
+    ],
+)
+def test_upstream_tls_modes(
+    make_proxy: MakeProxy, tls_db, host: str, sslmode: str, ca: bool, ok: bool
+) -> None:
+    pg, pw = tls_db
+    upstream = {
+        "host": host,
+        "port": pg.port,
+        "username": "tls_app",
+        "password": pw,
+        "sslmode": sslmode,
+        "caFile": str(pg.ca_file) if ca else None,
+    }
+    p = make_proxy(upstream=upstream)
+    with psycopg.connect(p.dsn()) as conn:
+        ssl_on = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert ssl_on.fetchone() == (sslmode != "disable",)
+
+
+def test_verify_full_checks_the_host_name(
+    make_proxy: MakeProxy, issuer: LocalIssuer, tmp_path
+) -> None:
+    with ThrowawayPostgres(tls=True, tls_hostnames=("db.example.test",), tls_ips=()) as pg:
+        pg.create_role("tls_app", "pw-1")
+        pg.create_database(APP_DB, owner="tls_app")
+        base = {
+            "host": "127.0.0.1",
+            "port": pg.port,
+            "username": "tls_app",
+            "password": "pw-1",
+            "caFile": str(pg.ca_file),
+        }
+        full = make_proxy(upstream={**base, "sslmode": "verify-full"})
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(full.dsn()).close()
+        assert "refused the database's TLS certificate" in str(info.value)
+        ca_only = make_proxy(upstream={**base, "sslmode": "verify-ca"})
+        with psycopg.connect(ca_only.dsn()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_verify_full_refuses_an_unknown_ca(make_proxy: MakeProxy, tls_db, proxy_certs) -> None:
+    pg, pw = tls_db
+    p = make_proxy(
+        upstream={
+            "host": "localhost",
+            "port": pg.port,
+            "username": "tls_app",
+            "password": pw,
+            "sslmode": "verify-full",
+            "caFile": str(proxy_certs.ca_cert),
+        }
+    )
+    with pytest.raises(psycopg.OperationalError, match="TLS certificate"):
+        psycopg.connect(p.dsn()).close()
+
+
+def test_cancel_reaches_the_right_backend_only(make_proxy: MakeProxy) -> None:
+    p = make_proxy()
+    with psycopg.connect(p.dsn()) as victim, psycopg.connect(p.dsn()) as canceller:
+        result: list[BaseException | None] = []
+
+        def run_long(conn: psycopg.Connection) -> None:
+            try:
+                conn.execute("SELECT pg_sleep(20)")
+                result.append(None)
+            except BaseException as e:
+                result.append(e)
+
+        # a forged key (right pid, wrong secret) must not cancel anything
+        t = threading.Thread(target=run_long, args=(victim,))
+        t.start()
+        time.sleep(0.5)
+        session = next(
+            s for s in p.thread.server.sessions.values() if s.key[0] == victim.info.backend_pid
+        )
+        forged = RawClient(p.port)
+        forged.send(m.cancel_request(session.key[0], (session.key[1] + 1) % (1 << 31)))
+        assert forged.closed()
+        time.sleep(0.5)
+        assert t.is_alive(), "a forged cancel key cancelled the query"
+        # the victim's own key (libpq's cancel) works, and only for the victim
+        canceller.execute("SELECT 1")
+        victim.cancel()
+        t.join(10)
+        assert isinstance(result[0], psycopg.errors.QueryCanceled)
+        assert canceller.execute("SELECT 2").fetchone() == (2,)
+    # the client was given the proxy's key, never the database's
+    up = next(s.upstream for s in [session] if s.upstream is not None)
+    assert (up.backend_pid, up.backend_secret) != session.key
