@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
 from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden.embedded.postgres import ThrowawayPostgres
 

@@ -98,10 +98,9 @@ def _indent(text: str) -> str:
 
 
 def main(keep_running: bool = False) -> int:
+    from pgwarden import logs
     from pgwarden_proxy.events import FanoutSink, LogEventSink, MemoryEventSink
     from pgwarden_proxy.thread import ProxyThread
-
-    from pgwarden import logs
 
     if shutil.which("psql") is None:
         print("pgwarden demo needs psql (PostgreSQL client) on PATH", file=sys.stderr)

@@ -189,6 +189,11 @@ class LocalIssuer:
                 self._default.setdefault(kty, kid)
         return kid
 
+    def key_types(self) -> frozenset[KeyType]:
+        """The key types that have a published signing key."""
+        with self._lock:
+            return frozenset(self._default)
+
     def rotate(self, kty: KeyType = "RSA") -> str:
         """Publish a new key and sign with it from now on; older keys stay published."""
         kid = self.add_key(kty)

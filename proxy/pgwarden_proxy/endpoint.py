@@ -12,6 +12,7 @@ import asyncio
 import ssl
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from pgwarden_proxy.wire.framing import ProtocolViolation
 
@@ -41,9 +42,9 @@ class Endpoint(asyncio.Protocol):
 
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER)
+        # uvloop's transports are not asyncio.Transport subclasses but offer the same methods
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         if self._on_data is not None:

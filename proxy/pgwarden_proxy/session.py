@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from pgwarden.api.statements import StatementClass
 from pgwarden_proxy.auth.oidc import Identity, TokenRejected
 from pgwarden_proxy.decision import Decision
 from pgwarden_proxy.endpoint import ConnectionClosed, Endpoint
@@ -42,7 +43,7 @@ _UNKNOWN_STATEMENT = StatementInfo(
     text="",
     fingerprint=None,
     command="UNKNOWN",
-    classes=frozenset(),
+    classes=frozenset({StatementClass.UNKNOWN}),
     functions=frozenset(),
     relations=frozenset(),
     prepares=None,
@@ -174,6 +175,7 @@ class Session:
                     ),
                     "protocol_version",
                 )
+        self._refuse_if_draining()
         if self.server.over_capacity:
             limit = self.cfg.limits.max_client_connections
             raise _Refused(
@@ -211,6 +213,17 @@ class Session:
         self.application_name = request.application_name
         self.encoding = python_codec(request.forwarded.get("client_encoding", "UTF8"))
         await self._connect_upstream(request)
+
+    def _refuse_if_draining(self) -> None:
+        if self.server.draining:
+            raise _Refused(
+                _fatal(
+                    "57P01",
+                    "pgwarden: the proxy is shutting down and accepts no new sessions",
+                    hint="reconnect in a moment; another replica will take the session",
+                ),
+                "shutting_down",
+            )
 
     async def _answer_ssl_request(self) -> None:
         c = self.client
@@ -261,6 +274,7 @@ class Session:
             self.server.metrics.upstream_errors.labels(e.reason).inc()
             raise _Refused(_fatal(e.sqlstate, e.message), "upstream_" + e.reason) from e
         self.upstream = up
+        self._refuse_if_draining()
         self.key = self.server.register(self)
         self.tracker.transaction_status = up.transaction_status
         identity = self.identity
@@ -339,8 +353,11 @@ class Session:
             self.tracker.request(Kind.BIND)
         elif t == 69:  # E Execute
             portal = m.Reader(msg.body).cstring()
-            info, bind = self._portals.get(portal, (_UNKNOWN_STATEMENT, None))
-            params = bind.rendered_params() if bind is not None else None
+            portal_entry = self._portals.get(portal)
+            if portal_entry is None:
+                info, params = _UNKNOWN_STATEMENT, None
+            else:
+                info, params = portal_entry[0], portal_entry[1].rendered_params()
             op, decision = self._decide(info, params, "extended")
             if decision.allowed:
                 self.tracker.request(Kind.EXECUTE, [op])
@@ -409,7 +426,8 @@ class Session:
         elif info.executes:
             prepared = self._sql_prepared.get(info.executes)
             if prepared is not None:
-                return dataclasses.replace(info, classes=prepared.classes)
+                known = info.classes - {StatementClass.UNKNOWN}
+                return dataclasses.replace(info, classes=known | prepared.classes)
         return info
 
     def _refuse_function_call(self, msg: Message, out: list[bytes]) -> None:
@@ -418,7 +436,6 @@ class Session:
             _UNKNOWN_STATEMENT,
             text=f"<FunctionCall oid={oid}>",
             command="FUNCTION CALL",
-            classes=frozenset(),
             error=None,
         )
         op, _ = self._decide(info, None, "fastpath")

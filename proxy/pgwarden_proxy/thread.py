@@ -8,6 +8,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from pgwarden.api.config import ProxyConfig
+from pgwarden_proxy.auth.oidc import OidcVerifier
 from pgwarden_proxy.decision import Decider
 from pgwarden_proxy.events import EventSink
 from pgwarden_proxy.main import new_event_loop
@@ -23,9 +24,10 @@ class ProxyThread:
         *,
         sink: EventSink | None = None,
         decider: Decider | None = None,
+        verifier: OidcVerifier | None = None,
     ) -> None:
         self.loop = new_event_loop()
-        self.server = ProxyServer(config, sink=sink, decider=decider)
+        self.server = ProxyServer(config, sink=sink, decider=decider, verifier=verifier)
         self._thread = threading.Thread(target=self._run, name="pgwarden-proxy", daemon=True)
         self._started = threading.Event()
         self._error: BaseException | None = None

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pgwarden.api.config import ProxyConfig
 from pgwarden.embedded.certs import CertBundle, make_certs
 from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden.embedded.postgres import ThrowawayPostgres
+from pgwarden_proxy.auth.oidc import OidcVerifier
 from pgwarden_proxy.events import MemoryEventSink
 from pgwarden_proxy.thread import ProxyThread
-
-from pgwarden.api.config import ProxyConfig
 
 APP_DB = "app"
 APP_USER = "pgwarden_app"
@@ -37,7 +38,7 @@ def db(pg: ThrowawayPostgres) -> Database:
     for method in ("md5", "password"):
         name = f"app_{method}"
         d.users[name] = secrets.token_urlsafe(12)
-        pg.create_role(name, d.users[name], auth=method)  # type: ignore[arg-type]
+        pg.create_role(name, d.users[name], auth=method)
         pg.sql(f"GRANT CONNECT ON DATABASE {APP_DB} TO {name}")
     return d
 
@@ -132,10 +133,10 @@ MakeProxy = Callable[..., RunningProxy]
 def make_proxy(db: Database, issuer: LocalIssuer) -> Iterator[MakeProxy]:
     started: list[ProxyThread] = []
 
-    def make(**overrides: Any) -> RunningProxy:
+    def make(*, verifier: OidcVerifier | None = None, **overrides: Any) -> RunningProxy:
         config = ProxyConfig.model_validate(base_config(db.pg, db.password, issuer, **overrides))
         sink = MemoryEventSink()
-        thread = ProxyThread(config, sink=sink).start()
+        thread = ProxyThread(config, sink=sink, verifier=verifier).start()
         started.append(thread)
         return RunningProxy(thread, sink, issuer, config)
 

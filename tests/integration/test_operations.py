@@ -19,9 +19,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden_proxy.wire import messages as m
-
 from tests.integration.conftest import Database, RunningProxy, base_config
 from tests.integration.rawpg import RawClient, error_fields
 
@@ -136,7 +136,7 @@ def test_random_bytes_never_take_the_proxy_down(proxy: RunningProxy, data: bytes
 
 def run_cli_proxy(
     tmp_path: Path, db: Database, issuer: LocalIssuer, **overrides
-) -> tuple[subprocess.Popen[str], dict, Path]:
+) -> tuple[subprocess.Popen[str], int, Path]:
     cfg = base_config(db.pg, db.password, issuer, **overrides)
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -148,7 +148,7 @@ def run_cli_proxy(
         text=True,
     )
     deadline = time.monotonic() + 20
-    port = None
+    port: int | None = None
     while time.monotonic() < deadline and port is None:
         for line in log.read_text().splitlines():
             rec = json.loads(line)
@@ -156,15 +156,15 @@ def run_cli_proxy(
                 port = rec["port"]
         time.sleep(0.05)
     assert port, log.read_text()
-    return proc, {"port": port}, log
+    return proc, port, log
 
 
 def test_cli_proxy_logs_json_and_drains_on_sigterm(
     tmp_path: Path, db: Database, issuer: LocalIssuer
 ) -> None:
-    proc, info, log = run_cli_proxy(tmp_path, db, issuer, metrics={"port": None})
+    proc, port, log = run_cli_proxy(tmp_path, db, issuer, metrics={"port": None})
     token = issuer.mint()
-    dsn = f"host=127.0.0.1 port={info['port']} dbname=app user=a password={token} sslmode=disable"
+    dsn = f"host=127.0.0.1 port={port} dbname=app user=a password={token} sslmode=disable"
     try:
         idle = psycopg.connect(dsn, autocommit=True)
         busy = psycopg.connect(dsn, autocommit=True)
@@ -203,9 +203,9 @@ def test_cli_proxy_logs_json_and_drains_on_sigterm(
 def test_sigterm_closes_idle_sessions_with_57p01(
     tmp_path: Path, db: Database, issuer: LocalIssuer
 ) -> None:
-    proc, info, _ = run_cli_proxy(tmp_path, db, issuer, metrics={"port": None})
+    proc, port, _ = run_cli_proxy(tmp_path, db, issuer, metrics={"port": None})
     try:
-        c = RawClient(info["port"])
+        c = RawClient(port)
         assert c.startup(issuer.mint())[-1][0] == b"Z"
         os.kill(proc.pid, signal.SIGTERM)
         t, body = c.recv()

@@ -12,8 +12,8 @@ import time
 import asyncpg
 import psycopg
 import pytest
-from pgwarden_proxy.wire import messages as m
 
+from pgwarden_proxy.wire import messages as m
 from tests.integration.conftest import RunningProxy
 from tests.integration.rawpg import RawClient, error_fields
 
@@ -87,7 +87,7 @@ def test_named_prepared_statements_and_pipeline_mode(proxy: RunningProxy) -> Non
         assert c2.fetchone() == (11,)
     evs = [e for e in proxy.sink.statements if e.statement == "SELECT $1::int"]
     assert len(evs) == 50
-    assert sorted(e.parameters[0] for e in evs) == sorted(map(str, range(50)))
+    assert sorted(str((e.parameters or [""])[0]) for e in evs) == sorted(map(str, range(50)))
     div = [e for e in proxy.sink.statements if e.statement == "SELECT 1/0"]
     assert div
     assert div[0].error
@@ -146,7 +146,7 @@ def test_psql_and_listen_notify(proxy: RunningProxy) -> None:
 def test_notices_and_parameter_status(proxy: RunningProxy) -> None:
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         notices: list[str] = []
-        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
         conn.execute("DO $$BEGIN RAISE NOTICE 'careful: %', 42; END$$")
         assert notices == ["careful: 42"]
         conn.execute("SET TimeZone = 'Asia/Tokyo'")

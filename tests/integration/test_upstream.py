@@ -8,10 +8,10 @@ import time
 
 import psycopg
 import pytest
+
 from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden.embedded.postgres import ThrowawayPostgres
 from pgwarden_proxy.wire import messages as m
-
 from tests.integration.conftest import APP_DB, Database, MakeProxy
 from tests.integration.rawpg import RawClient
 

@@ -6,6 +6,8 @@ import pglast.ast
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from pgwarden.api.statements import StatementClass
 from pgwarden_proxy.sql.classify import (
     BUILTIN_FUNCTION_CLASSES,
     STATEMENT_TABLE,
@@ -14,8 +16,6 @@ from pgwarden_proxy.sql.classify import (
     analyze,
     function_class,
 )
-
-from pgwarden.api.statements import StatementClass
 
 R = StatementClass.READ
 W = StatementClass.WRITE

@@ -8,6 +8,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pgwarden_proxy.wire.framing import Message, ProtocolViolation, Scanner
 from pgwarden_proxy.wire.messages import frame
 

@@ -22,9 +22,9 @@ import pytest
 from joserfc import jwt
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, OKPKey, RSAKey
-from pgwarden_proxy.auth.oidc import Identity, OidcVerifier, TokenRejected
 
 from pgwarden.api.config import Oidc
+from pgwarden_proxy.auth.oidc import Identity, OidcVerifier, TokenRejected
 
 SigningKey = RSAKey | ECKey | OKPKey
 

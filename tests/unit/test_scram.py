@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pgwarden_proxy.auth.scram import (
     MAX_ITERATIONS,
     AuthFailed,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pgwarden_proxy.startup import StartupRefused, check_startup, python_codec
 
 
