@@ -88,8 +88,9 @@ class Session:
         self._terminating: m.ErrorInfo | None = None
         self._terminate_when_idle = False
         self._expiry_timer: asyncio.TimerHandle | None = None
-        self._prepared: dict[str, tuple[StatementInfo, ...]] = {}
-        self._portals: dict[str, tuple[StatementInfo, m.BindMessage]] = {}
+        # statement name -> (its statements, parameter type OIDs from Parse)
+        self._prepared: dict[str, tuple[tuple[StatementInfo, ...], tuple[int, ...]]] = {}
+        self._portals: dict[str, tuple[StatementInfo, m.BindMessage, tuple[int, ...]]] = {}
         self._sql_prepared: dict[str, StatementInfo] = {}
         limits = self.cfg.limits
         self._client_scanner = Scanner(
@@ -348,8 +349,8 @@ class Session:
         if t == 66:  # B Bind
             bind = m.BindMessage.parse(msg.body)
             prepared = self._prepared.get(bind.statement)
-            info = prepared[0] if prepared else _UNKNOWN_STATEMENT
-            self._portals[bind.portal] = (info, bind)
+            info = prepared[0][0] if prepared else _UNKNOWN_STATEMENT
+            self._portals[bind.portal] = (info, bind, prepared[1] if prepared else ())
             self.tracker.request(Kind.BIND)
         elif t == 69:  # E Execute
             portal = m.Reader(msg.body).cstring()
@@ -357,7 +358,8 @@ class Session:
             if portal_entry is None:
                 info, params = _UNKNOWN_STATEMENT, None
             else:
-                info, params = portal_entry[0], portal_entry[1].rendered_params()
+                info, bind, types = portal_entry
+                params = bind.rendered_params(types)
             op, decision = self._decide(info, params, "extended")
             if decision.allowed:
                 self.tracker.request(Kind.EXECUTE, [op])
@@ -371,9 +373,10 @@ class Session:
             r = m.Reader(msg.body)
             name = r.cstring()
             text = self._decode(r.body[r.pos : r.body.find(b"\x00", r.pos)])
-            self._prepared[name] = self.server.analyzer.analyze(text) or (
+            infos = self.server.analyzer.analyze(text) or (
                 dataclasses.replace(_UNKNOWN_STATEMENT, text=text, command="EMPTY"),
             )
+            self._prepared[name] = (infos, m.parse_param_types(msg.body))
             self.tracker.request(Kind.PARSE)
         elif t == 81:  # Q Query
             if not self._query(msg, out):

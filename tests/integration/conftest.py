@@ -107,6 +107,13 @@ class RunningProxy:
         }
         return " ".join(f"{k}='{v}'" for k, v in parts.items())
 
+    def url(self, token: str | None = None, *, dbname: str = APP_DB) -> str:
+        """A postgresql:// URL, for clients such as asyncpg that take no key=value DSN."""
+        return (
+            f"postgresql://agent:{token or self.token()}@127.0.0.1:{self.port}/{dbname}"
+            "?sslmode=disable"
+        )
+
     def libpq_env(self, token: str | None = None, **extra: str) -> dict[str, str]:
         import os
 

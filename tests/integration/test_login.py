@@ -21,9 +21,11 @@ from tests.integration.rawpg import RawClient, error_fields
 class Refusal:
     sqlstate: str
     message: str
+    hint: str = ""
 
     def __str__(self) -> str:
-        return self.message
+        """Message and hint, as psql would show them to a person."""
+        return f"{self.message}\nHINT: {self.hint}" if self.hint else self.message
 
 
 def refused(proxy: RunningProxy, token: str, *, dbname: str = "app", **params: str) -> Refusal:
@@ -36,7 +38,7 @@ def refused(proxy: RunningProxy, token: str, *, dbname: str = "app", **params: s
     assert t == b"E", f"login was not refused: {t!r}"
     fields = error_fields(body)
     assert fields["S"] == "FATAL"
-    return Refusal(fields["C"], fields["M"])
+    return Refusal(fields["C"], fields["M"], fields.get("H", ""))
 
 
 def auth_failures(proxy: RunningProxy, reason: str) -> float:

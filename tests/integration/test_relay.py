@@ -74,12 +74,17 @@ def test_named_prepared_statements_and_pipeline_mode(proxy: RunningProxy) -> Non
     with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
         for i in range(5):  # prepare_threshold=0: psycopg uses named server-side statements
             assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
-        with conn.pipeline():
-            curs = [conn.execute("SELECT %s::int", (i,)) for i in range(50)]
-            bad = conn.execute("SELECT 1/0")
-        assert [c.fetchone() for c in curs] == [(i,) for i in range(50)]
+        # psycopg raises a pipeline's first error when the pipeline ends (as it does direct)
+        curs: list[psycopg.Cursor[tuple[int]]] = []
+
+        def pipeline_with_error() -> None:
+            with conn.pipeline():
+                curs.extend(conn.execute("SELECT %s::int", (i,)) for i in range(50))
+                conn.execute("SELECT 1/0")
+
         with pytest.raises(psycopg.errors.DivisionByZero):
-            bad.fetchone()
+            pipeline_with_error()
+        assert [c.fetchone() for c in curs] == [(i,) for i in range(50)]
         with conn.pipeline():
             c1 = conn.execute("SELECT 10")
             c2 = conn.execute("SELECT 11")
@@ -103,7 +108,7 @@ def test_server_side_cursor_fetches_in_portions(proxy: RunningProxy) -> None:
 
 def test_asyncpg(proxy: RunningProxy) -> None:
     async def main() -> None:
-        conn = await asyncpg.connect(proxy.dsn().replace("'", ""))
+        conn = await asyncpg.connect(proxy.url())
         try:
             assert await conn.fetchval("SELECT $1::int + 1", 41) == 42
             stmt = await conn.prepare("SELECT g, md5(g::text) FROM generate_series(1, $1) g")

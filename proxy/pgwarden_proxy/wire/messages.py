@@ -6,6 +6,7 @@ Sans-IO: bytes in, bytes out. Message layout per the PostgreSQL docs, "Message F
 from __future__ import annotations
 
 import struct
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -202,8 +203,12 @@ class BindMessage:
             values.append(None if n == -1 else r.raw(n))
         return BindMessage(portal, statement, formats, tuple(values))
 
-    def rendered_params(self) -> list[str | None]:
-        """Parameters as text for events: text format decoded, binary shown as hex bytea."""
+    def rendered_params(self, types: Sequence[int] = ()) -> list[str | None]:
+        """Parameters as text for events.
+
+        Text format is decoded; binary values of common types (by the OIDs the client gave in
+        Parse) are rendered as PostgreSQL would print them, anything else as hex bytea.
+        """
         out: list[str | None] = []
         for i, value in enumerate(self.params):
             if value is None:
@@ -214,8 +219,42 @@ class BindMessage:
                 if len(self.param_formats) == 1
                 else (self.param_formats[i] if i < len(self.param_formats) else 0)
             )
-            out.append("\\x" + value.hex() if fmt == 1 else value.decode("utf-8", "replace"))
+            if fmt != 1:
+                out.append(value.decode("utf-8", "replace"))
+            else:
+                out.append(_render_binary(types[i] if i < len(types) else 0, value))
         return out
+
+
+def _render_binary(oid: int, value: bytes) -> str:
+    try:
+        if oid in _BINARY_INTS and len(value) == _BINARY_INTS[oid]:
+            return str(int.from_bytes(value, "big", signed=oid != 26))
+        if oid == 16 and len(value) == 1:  # bool
+            return "true" if value[0] else "false"
+        if oid == 700 and len(value) == 4:  # float4
+            return repr(struct.unpack("!f", value)[0])
+        if oid == 701 and len(value) == 8:  # float8
+            return repr(struct.unpack("!d", value)[0])
+        if oid in (25, 1043, 19, 1042, 114):  # text, varchar, name, bpchar, json
+            return value.decode("utf-8")
+        if oid == 2950 and len(value) == 16:  # uuid
+            return str(uuid.UUID(bytes=value))
+    except UnicodeDecodeError:
+        pass
+    return "\\x" + value.hex()
+
+
+# int2, int4, int8, oid: byte widths of their binary form
+_BINARY_INTS = {21: 2, 23: 4, 20: 8, 26: 4}
+
+
+def parse_param_types(body: bytes) -> tuple[int, ...]:
+    """The parameter type OIDs of a Parse message (0 = unspecified)."""
+    r = Reader(body)
+    r.cstring()
+    r.cstring()
+    return tuple(r.int32() & 0xFFFFFFFF for _ in range(r.int16()))
 
 
 def parse_startup_params(r: Reader) -> dict[str, str]:
