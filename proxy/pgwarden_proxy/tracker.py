@@ -171,9 +171,15 @@ class Tracker:
             self._finish(op, None, info)
             head.index = len(head.ops)  # a failed query runs none of its later statements
         if head.kind not in _SIMPLE:
-            # extended protocol: the server now skips everything up to the next Sync
+            # extended protocol: the server now skips everything up to the next Sync. An error
+            # at Parse or Bind (a syntax error, a constant folded to 1/0) belongs to the
+            # statement whose Execute comes next: record it there, or it would vanish.
+            charged = op is not None
             while self.pending and self.pending[0].kind is not Kind.SYNC:
-                self.pending.popleft()
+                p = self.pending.popleft()
+                if not charged and p.kind is Kind.EXECUTE and p.op is not None:
+                    self._finish(p.op, None, info)
+                    charged = True
 
     def _ready(self) -> None:
         while self.pending:

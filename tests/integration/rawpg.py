@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from dataclasses import dataclass
 
 from pgwarden_proxy.wire import messages as m
 
@@ -73,3 +74,27 @@ class RawClient:
 
 def error_fields(body: bytes) -> dict[str, str]:
     return m.parse_fields(body)
+
+
+@dataclass
+class Refusal:
+    sqlstate: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        """Message and hint, as psql would show them to a person."""
+        return f"{self.message}\nHINT: {self.hint}" if self.hint else self.message
+
+
+def login_refusal(port: int, token: str, *, dbname: str = "app", **params: str) -> Refusal:
+    """Log in over the raw protocol (libpq hides the SQLSTATE of a failed login)."""
+    c = RawClient(port)
+    try:
+        t, body = c.startup(token, database=dbname, **params)[-1]
+    finally:
+        c.close()
+    assert t == b"E", f"login was not refused: {t!r}"
+    fields = error_fields(body)
+    assert fields["S"] == "FATAL"
+    return Refusal(fields["C"], fields["M"], fields.get("H", ""))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import psycopg
 import pytest
@@ -14,31 +13,11 @@ from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden_proxy.auth.oidc import OidcVerifier
 from pgwarden_proxy.wire import messages as m
 from tests.integration.conftest import MakeProxy, RunningProxy
-from tests.integration.rawpg import RawClient, error_fields
-
-
-@dataclass
-class Refusal:
-    sqlstate: str
-    message: str
-    hint: str = ""
-
-    def __str__(self) -> str:
-        """Message and hint, as psql would show them to a person."""
-        return f"{self.message}\nHINT: {self.hint}" if self.hint else self.message
+from tests.integration.rawpg import RawClient, Refusal, error_fields, login_refusal
 
 
 def refused(proxy: RunningProxy, token: str, *, dbname: str = "app", **params: str) -> Refusal:
-    """Log in over the raw protocol (libpq hides the SQLSTATE of a failed login)."""
-    c = RawClient(proxy.port)
-    try:
-        t, body = c.startup(token, database=dbname, **params)[-1]
-    finally:
-        c.close()
-    assert t == b"E", f"login was not refused: {t!r}"
-    fields = error_fields(body)
-    assert fields["S"] == "FATAL"
-    return Refusal(fields["C"], fields["M"], fields.get("H", ""))
+    return login_refusal(proxy.port, token, dbname=dbname, **params)
 
 
 def auth_failures(proxy: RunningProxy, reason: str) -> float:

@@ -13,7 +13,7 @@ from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden.embedded.postgres import ThrowawayPostgres
 from pgwarden_proxy.wire import messages as m
 from tests.integration.conftest import APP_DB, Database, MakeProxy
-from tests.integration.rawpg import RawClient
+from tests.integration.rawpg import RawClient, login_refusal
 
 
 @pytest.mark.parametrize("method", ["md5", "password"])
@@ -43,11 +43,10 @@ def test_password_file_is_read(make_proxy: MakeProxy, db: Database, tmp_path) ->
 
 def test_wrong_upstream_credential_is_a_deployment_error(make_proxy: MakeProxy) -> None:
     p = make_proxy(upstream={"password": "definitely-wrong"})
-    with pytest.raises(psycopg.OperationalError) as info:
-        psycopg.connect(p.dsn()).close()
-    assert info.value.sqlstate == "08004"
-    assert "configured credential" in str(info.value)
-    assert "definitely-wrong" not in str(info.value)
+    r = login_refusal(p.port, p.token())
+    assert r.sqlstate == "08004"
+    assert "configured credential" in str(r)
+    assert "definitely-wrong" not in str(r)
 
 
 def test_unreachable_upstream_is_reported_and_others_keep_working(make_proxy: MakeProxy) -> None:
@@ -57,10 +56,9 @@ def test_unreachable_upstream_is_reported_and_others_keep_working(make_proxy: Ma
     s.close()
     bad = make_proxy(upstream={"port": dead_port})
     good = make_proxy()
-    with pytest.raises(psycopg.OperationalError) as info:
-        psycopg.connect(bad.dsn()).close()
-    assert info.value.sqlstate == "08001"
-    assert "could not connect" in str(info.value)
+    r = login_refusal(bad.port, bad.token())
+    assert r.sqlstate == "08001"
+    assert "could not connect" in str(r)
     with psycopg.connect(good.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
@@ -163,12 +161,26 @@ def test_cancel_reaches_the_right_backend_only(make_proxy: MakeProxy) -> None:
         assert forged.closed()
         time.sleep(0.5)
         assert t.is_alive(), "a forged cancel key cancelled the query"
-        # the victim's own key (libpq's cancel) works, and only for the victim
+        # The victim's own key works, and only for the victim: first as libpq >= 17 cancels
+        # (TLS negotiated first, then the key; cancel_safe waits in Python: the legacy
+        # PQcancel would block the in-process proxy thread on the GIL) ...
         canceller.execute("SELECT 1")
-        victim.cancel()
+        victim.cancel_safe(timeout=10)
         t.join(10)
         assert isinstance(result[0], psycopg.errors.QueryCanceled)
         assert canceller.execute("SELECT 2").fetchone() == (2,)
+        # ... then as the legacy PQcancel does: the key in clear on a fresh connection
+        result.clear()
+        victim.rollback()
+        t = threading.Thread(target=run_long, args=(victim,))
+        t.start()
+        time.sleep(0.5)
+        legacy = RawClient(p.port)
+        legacy.send(m.cancel_request(*session.key))
+        assert legacy.closed()
+        t.join(10)
+        assert isinstance(result[0], psycopg.errors.QueryCanceled)
+        assert canceller.execute("SELECT 3").fetchone() == (3,)
     # the client was given the proxy's key, never the database's
     up = next(s.upstream for s in [session] if s.upstream is not None)
     assert (up.backend_pid, up.backend_secret) != session.key

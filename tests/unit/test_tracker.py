@@ -76,6 +76,27 @@ def test_error_skips_the_rest_of_the_batch_up_to_sync() -> None:
     ]
 
 
+def test_an_error_at_parse_or_bind_is_charged_to_the_next_execute_only() -> None:
+    # a syntax error fails at Parse, a folded 1/0 at Bind: the statement still gets its event
+    for failing in (Kind.PARSE, Kind.BIND):
+        done: list[StatementEvent] = []
+        t = Tracker(done.append)
+        a, b = op("a"), op("b")
+        t.request(failing, None)
+        if failing is Kind.PARSE:
+            t.request(Kind.BIND, None)
+        for kind, ops in [(Kind.EXECUTE, [a]), (Kind.BIND, None), (Kind.EXECUTE, [b])]:
+            t.request(kind, ops)
+        t.request(Kind.SYNC, None)
+        t.server(msg(b"E", err("42601")))
+        t.server(msg(b"Z", b"I"))
+        assert t.idle
+        # b never ran (the server skipped it): no event claims it ran or failed
+        assert [(e.statement, e.error) for e in done] == [
+            ("a", {"sqlstate": "42601", "message": "boom"})
+        ]
+
+
 def test_simple_query_with_several_statements_stops_at_the_first_error() -> None:
     done: list[StatementEvent] = []
     t = Tracker(done.append)
