@@ -88,11 +88,12 @@ default_pool_size = 50
 logfile = {d}/pgbouncer.log
 pidfile = {d}/pgbouncer.pid
 """)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0:  # pgbouncer runs as the postgres user: it must reach its files
+        workdir.chmod(0o711)
         shutil.chown(d, "postgres")
         for f in d.iterdir():
             shutil.chown(f, "postgres")
-    proc = subprocess.Popen(as_server_user([exe, str(d / "pgbouncer.ini")]))
+    proc = subprocess.Popen(as_server_user([exe, "-q", str(d / "pgbouncer.ini")]))  # log: file only
     wait_port(port)
     return proc, Target("pgbouncer", port, password)
 

@@ -21,7 +21,14 @@ from pgwarden_proxy.decision import Decision
 from pgwarden_proxy.endpoint import ConnectionClosed, Endpoint
 from pgwarden_proxy.events import SessionEvent, StatementEvent
 from pgwarden_proxy.sql.classify import StatementInfo
-from pgwarden_proxy.startup import StartupRefused, StartupRequest, check_startup, python_codec
+from pgwarden_proxy.startup import (
+    StartupRefused,
+    StartupRequest,
+    check_startup,
+    hazard_error,
+    parsing_hazard,
+    python_codec,
+)
 from pgwarden_proxy.tracker import Kind, Op, Tracker
 from pgwarden_proxy.upstream import UpstreamConnection, UpstreamError
 from pgwarden_proxy.upstream import connect as connect_upstream
@@ -275,6 +282,10 @@ class Session:
             self.server.metrics.upstream_errors.labels(e.reason).inc()
             raise _Refused(_fatal(e.sqlstate, e.message), "upstream_" + e.reason) from e
         self.upstream = up
+        for name, value in up.parameters.items():  # the server's own defaults count too
+            hazard = parsing_hazard(name, value)
+            if hazard is not None:
+                raise _Refused(hazard_error(hazard), "unsafe_setting")
         self._refuse_if_draining()
         self.key = self.server.register(self)
         self.tracker.transaction_status = up.transaction_status
@@ -316,7 +327,7 @@ class Session:
         self.client.peer = up.endpoint
         up.endpoint.peer = self.client
         loop = asyncio.get_running_loop()
-        delay = self.identity.expires_at.timestamp() - time.time()
+        delay = self.identity.usable_until.timestamp() - time.time()
         self._expiry_timer = loop.call_later(max(delay, 0.0), self._token_expired)
         up.endpoint.start_relay(self._on_server_data, self._on_server_closed)
         self.client.start_relay(self._on_client_data, self._on_client_closed)
@@ -484,6 +495,7 @@ class Session:
     def _on_server_data(self, data: bytes) -> None:
         out: list[bytes] = []
         server = self.tracker.server
+        hazard: str | None = None
         try:
             for item in self._server_scanner.feed(data):
                 if type(item) is bytes:
@@ -494,7 +506,7 @@ class Session:
                 if reply is not None:
                     out.append(reply)
                 if item.type == 83:  # S ParameterStatus
-                    self._parameter_status(item.body)
+                    hazard = self._parameter_status(item.body) or hazard
         except ProtocolViolation as e:
             if out:
                 self.client.writelines(out)
@@ -506,13 +518,20 @@ class Session:
         if out:
             self.client.writelines(out)
             self.server.metrics.bytes_to_client.inc(len(data))
-        if self._terminating is not None:
+        if hazard is not None:
+            # A SET after login can do what the startup checks refuse: end the session before
+            # the proxy misreads a later statement.
+            self.terminate(hazard_error(hazard), reason=f"unsafe setting: {hazard}")
+        elif self._terminating is not None:
             self._maybe_terminate()
 
-    def _parameter_status(self, body: bytes) -> None:
+    def _parameter_status(self, body: bytes) -> str | None:
+        """Follow the session's settings; returns a parsing hazard the server just reported."""
         r = m.Reader(body)
-        if r.cstring().lower() == "client_encoding":
-            self.encoding = python_codec(r.cstring())
+        name, value = r.cstring(), r.cstring()
+        if name.lower() == "client_encoding":
+            self.encoding = python_codec(value)
+        return parsing_hazard(name, value)
 
     def _on_client_closed(self, exc: Exception | None) -> None:
         if self.upstream is not None:

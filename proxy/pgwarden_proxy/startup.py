@@ -119,6 +119,27 @@ def _options_settings(options: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def parsing_hazard(name: str, value: str) -> str | None:
+    """A setting under which the proxy's SQL parser and the server would read text differently."""
+    key = name.lower()
+    if key == "client_encoding" and _norm_encoding(value) in UNSAFE_ENCODINGS:
+        return f"client_encoding {value}"
+    if key == "standard_conforming_strings" and value.lower() in ("off", "false", "no", "0"):
+        return "standard_conforming_strings off"
+    return None
+
+
+def hazard_error(hazard: str) -> ErrorInfo:
+    return ErrorInfo(
+        "42501",
+        f"pgwarden: the session uses {hazard}, under which pgwarden cannot read SQL the way the "
+        "database does; the session is closed",
+        "FATAL",
+        hint="keep client_encoding UTF8 (or another ASCII-safe encoding) and "
+        "standard_conforming_strings on",
+    )
+
+
 def _refusal(what: str) -> ErrorInfo:
     allowed = ", ".join(sorted(ALLOWED_PARAMETERS))
     return ErrorInfo(
@@ -162,14 +183,8 @@ def check_startup(params: dict[str, str], *, database: str) -> StartupRequest:
         key = name.lower()
         if key not in ALLOWED_PARAMETERS:
             raise StartupRefused(_refusal(f'the startup parameter "{name}" is not allowed'))
-        if key == "client_encoding" and _norm_encoding(value) in UNSAFE_ENCODINGS:
-            raise StartupRefused(
-                ErrorInfo(
-                    "42501",
-                    f"pgwarden: client_encoding {value} is not supported",
-                    "FATAL",
-                    hint="use client_encoding UTF8",
-                )
-            )
+        hazard = parsing_hazard(key, value)
+        if hazard is not None:
+            raise StartupRefused(hazard_error(hazard))
         forwarded[name] = value
     return StartupRequest(user=user, database=requested, forwarded=forwarded)

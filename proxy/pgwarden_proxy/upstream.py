@@ -174,12 +174,12 @@ def _server_error(body: bytes, cfg: Upstream) -> UpstreamError:
             f"the database at {where} refused pgwarden's configured credential ({code}); "
             "this is a deployment problem: ask the operator of this pgwarden endpoint to check "
             "the database credential",
-            reason="upstream_auth",
+            reason="auth",
         )
     return UpstreamError(
         "08004" if code.startswith("28") else code,
         f"the database at {where} refused the session: {fields.get('M', 'unknown error')}",
-        reason="upstream_refused",
+        reason="refused",
     )
 
 
@@ -242,7 +242,7 @@ async def _authenticate(ep: Endpoint, cfg: Upstream) -> None:
                 )
         except AuthFailed as e:
             raise UpstreamError(
-                "08004", f"authentication with the database failed: {e}", reason="upstream_auth"
+                "08004", f"authentication with the database failed: {e}", reason="auth"
             ) from e
 
 

@@ -250,10 +250,15 @@ def test_connection_limit(make_proxy: MakeProxy) -> None:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_session_ends_when_the_token_expires(proxy: RunningProxy) -> None:
+def test_session_ends_when_the_token_expires(make_proxy: MakeProxy, issuer: LocalIssuer) -> None:
+    # The session lasts as long as login would accept the token: exp plus the clock-skew leeway
+    settings = Oidc.model_validate({"issuer": issuer.issuer, "audience": "pgwarden"})
+    proxy = make_proxy(verifier=OidcVerifier(settings, leeway=0.5))
     token = proxy.token(lifetime=2)
     with psycopg.connect(proxy.dsn(token), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-        time.sleep(2.5)
+        time.sleep(1.8)
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        time.sleep(1.2)
         with pytest.raises(psycopg.OperationalError, match="token expired"):
             conn.execute("SELECT 1")

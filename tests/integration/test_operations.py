@@ -226,3 +226,42 @@ def test_message_framing_of_server_messages_is_kept_under_tiny_writes(proxy: Run
         c.send(bytes([b]))
     msgs = c.until(b"Z")
     assert [t for t, _ in msgs] == [b"T", b"D", b"C", b"Z"]
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def test_a_1gb_result_streams_with_bounded_memory(
+    tmp_path: Path, db: Database, issuer: LocalIssuer
+) -> None:
+    """A slow reader of a 1 GiB result: the proxy applies backpressure instead of buffering."""
+    proc, port, _ = run_cli_proxy(tmp_path, db, issuer, metrics={"port": None})
+    try:
+        c = RawClient(port, timeout=60)
+        assert c.startup(issuer.mint())[-1][0] == b"Z"
+        before = _rss_kib(proc.pid, "VmRSS")
+        c.send(m.frame(b"Q", m.cstr("SELECT repeat('x', 1048576) FROM generate_series(1, 1024)")))
+        first = c.sock.recv(1 << 16)
+        assert first[:1] == b"T"
+        time.sleep(2)  # the client stalls: the server keeps producing, the proxy must not hoard
+        stalled = _rss_kib(proc.pid, "VmRSS")
+        total, tail = len(first), first[-6:]
+        buf = bytearray(1 << 20)
+        while tail != b"Z\x00\x00\x00\x05I":
+            n = c.sock.recv_into(buf)
+            assert n, "the proxy closed the connection mid-result"
+            total += n
+            tail = (tail + bytes(buf[max(0, n - 6) : n]))[-6:]
+        c.close()
+        peak = _rss_kib(proc.pid, "VmHWM")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert total > 1 << 30
+    # Bounded: a few socket buffers and read chunks, not the result (1 GiB)
+    assert stalled - before < 64 * 1024, (before, stalled)
+    assert peak - before < 128 * 1024, (before, peak)

@@ -281,3 +281,51 @@ def test_hundred_concurrent_sessions(proxy: RunningProxy) -> None:
         t.join(60)
     assert not errors, errors[:3]
     wait_for(lambda: sum(s.type == "session_end" for s in proxy.sink.sessions) == 100, 10)
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_pgbench(proxy: RunningProxy, mode: str) -> None:
+    env = proxy.libpq_env()
+    if mode == "simple":  # initialisation: DDL, COPY, VACUUM through the proxy
+        init = subprocess.run(
+            ["pgbench", "-i", "-q", "-s", "1"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert init.returncode == 0, init.stderr
+    else:
+        ready = subprocess.run(
+            ["psql", "-X", "-A", "-t", "-c", "SELECT count(*) FROM pgbench_accounts"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if ready.stdout.strip() != "100000":
+            assert subprocess.run(["pgbench", "-i", "-q", "-s", "1"], env=env).returncode == 0
+    run = subprocess.run(
+        ["pgbench", "-n", "-M", mode, "-c", "4", "-j", "2", "-t", "50"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "number of transactions actually processed: 200/200" in run.stdout
+    assert "number of failed transactions: 0" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "setting", ["SET standard_conforming_strings = off", "SET client_encoding = 'SJIS'"]
+)
+def test_settings_that_would_fool_the_parser_end_the_session(
+    proxy: RunningProxy, setting: str
+) -> None:
+    c = RawClient(proxy.port)
+    assert c.startup(proxy.token())[-1][0] == b"Z"
+    c.send(m.frame(b"Q", m.cstr(setting)))
+    answer = c.until(b"Z")  # the SET ran; the FATAL follows its answer
+    assert [t for t, _ in answer][-3:] == [b"C", b"S", b"Z"]
+    t, body = c.recv()
+    fields = error_fields(body)
+    assert (t, fields["S"], fields["C"]) == (b"E", "FATAL", "42501")
+    assert "cannot read SQL the way the database does" in fields["M"]
+    assert c.closed()

@@ -235,6 +235,7 @@ async def test_each_algorithm_family_is_accepted(
         issuer=idp.url,
         expires_at=datetime.fromtimestamp(int(clock.now) + 300, UTC),
         actor=None,
+        usable_until=datetime.fromtimestamp(int(clock.now) + 300 + 60, UTC),  # default leeway
     )
 
 

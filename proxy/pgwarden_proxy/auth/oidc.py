@@ -90,8 +90,10 @@ class Identity:
     groups: frozenset[str]
     subject: str
     issuer: str
-    expires_at: datetime  # UTC
+    expires_at: datetime  # UTC, the token's exp
     actor: Mapping[str, Any] | None  # RFC 8693 "act": the agent acting for the subject
+    # exp plus the clock-skew leeway: login accepts the token until then, so a session ends then
+    usable_until: datetime
 
 
 class _Discovery(BaseModel):
@@ -621,6 +623,7 @@ class OidcVerifier:
             issuer=issuer,
             expires_at=_utc(exp),
             actor=self._actor(claims),
+            usable_until=_utc(exp + leeway),
         )
 
     def _username(self, claims: Mapping[str, Any]) -> str:
