@@ -99,7 +99,7 @@ pidfile = {d}/pgbouncer.pid
 
 
 def start_pgwarden(
-    pg: ThrowawayPostgres, password: str, issuer: LocalIssuer, workdir: Path
+    pg: ThrowawayPostgres, password: str, issuer: LocalIssuer, workdir: Path, statement_log: bool
 ) -> tuple[subprocess.Popen[bytes], Target]:
     port = free_port()
     config = {
@@ -118,6 +118,7 @@ def start_pgwarden(
             {"name": "bench", "spec": {"subjects": {"groups": ["bench"]}, "access": "read-write"}}
         ],
         "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "logging": {"statements": statement_log},
     }
     path = workdir / "pgwarden.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -204,6 +205,11 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=10, help="pgbench scale (10 = 1M accounts)")
     ap.add_argument("--only", nargs="*", help="workload names to run")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--no-statement-log",
+        action="store_true",
+        help="run pgwarden with logging.statements: false (events of sessions only)",
+    )
     args = ap.parse_args()
     s = args.seconds
     workloads: dict[str, tuple[str, Callable[[Target], float]]] = {
@@ -236,7 +242,9 @@ def main() -> int:
             )
             bouncer_proc, bouncer = start_pgbouncer(pg, password, workdir)
             procs.append(bouncer_proc)
-            warden_proc, warden = start_pgwarden(pg, password, issuer, workdir)
+            warden_proc, warden = start_pgwarden(
+                pg, password, issuer, workdir, not args.no_statement_log
+            )
             procs.append(warden_proc)
             targets = [direct, bouncer, warden]
             results: dict[str, dict[str, list[float]]] = {

@@ -6,6 +6,7 @@ about tokens or passwords: the code never puts them in a log call in the first p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -33,9 +34,64 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+class BatchingStreamHandler(logging.StreamHandler[TextIO]):
+    """One write per event-loop turn instead of one per record.
+
+    The proxy logs an event per statement; a write (and flush) per line was a large share of its
+    CPU time. Inside a running event loop, lines wait for the end of the current turn (a burst
+    of records costs one write); outside one, and at shutdown, they are written at once.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._pending.append(line)
+            self._write_pending()
+            return
+        if not self._pending:
+            loop.call_soon(self.flush)
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        with self.lock if self.lock is not None else _NO_LOCK:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self.stream.write(text)
+            self.stream.flush()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = BatchingStreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    # The formatter uses none of these; computing them per record costs (one record per statement)
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

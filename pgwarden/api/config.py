@@ -135,6 +135,8 @@ class Limits(Model):
 
 class Logging(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # one log line per statement; off leaves session start/end only (the recorder keeps statements)
+    statements: bool = True
 
 
 class ProxyConfig(Model):

@@ -26,7 +26,7 @@ class StatementEvent:
     classes: tuple[str, ...]
     command: str
     parameters: list[str | None] | None
-    protocol: str  # simple | extended
+    protocol: str  # simple | extended | fastpath
     decision: str  # allow | refuse
     policy: str | None
     start: float  # epoch seconds
@@ -38,10 +38,27 @@ class StatementEvent:
     suspended: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["start"] = iso(self.start)
-        d["duration_ms"] = round(self.duration_ms, 3)
-        return d
+        # by hand: dataclasses.asdict deep-copies recursively, a hot spot at one event per statement
+        return {
+            "session_id": self.session_id,
+            "connection": self.connection,
+            "identity": self.identity,
+            "statement": self.statement,
+            "fingerprint": self.fingerprint,
+            "classes": list(self.classes),
+            "command": self.command,
+            "parameters": self.parameters,
+            "protocol": self.protocol,
+            "decision": self.decision,
+            "policy": self.policy,
+            "start": iso(self.start),
+            "duration_ms": round(self.duration_ms, 3),
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "command_tag": self.command_tag,
+            "error": self.error,
+            "suspended": self.suspended,
+        }
 
 
 @dataclass(slots=True)
@@ -68,11 +85,12 @@ class EventSink(Protocol):
 class LogEventSink:
     """Events as structured log records on the `pgwarden.events` logger."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, statements: bool = True) -> None:
         self._log = logging.getLogger("pgwarden.events")
+        self._statements = statements
 
     def statement(self, event: StatementEvent) -> None:
-        if self._log.isEnabledFor(logging.INFO):
+        if self._statements and self._log.isEnabledFor(logging.INFO):
             self._log.info("statement", extra={"event": event.as_dict()})
 
     def session(self, event: SessionEvent) -> None:

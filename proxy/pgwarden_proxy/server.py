@@ -54,7 +54,7 @@ class ProxyServer:
         verifier: OidcVerifier | None = None,
     ) -> None:
         self.config = config
-        self.sink: EventSink = sink or LogEventSink()
+        self.sink: EventSink = sink or LogEventSink(statements=config.logging.statements)
         self.decider: Decider = decider or AllowAll()
         self.verifier = verifier or OidcVerifier(config.auth.oidc)
         self.analyzer = Analyzer()
