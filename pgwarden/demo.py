@@ -52,7 +52,7 @@ AGENT_SCRIPT = [
     ("two statements at once", "SELECT now(); SELECT current_user"),
     ("a failing statement", "SELECT * FROM no_such_table"),
     (
-        "a write (a policy will hold or refuse it once guardrails apply)",
+        "a write (the read-only policy refuses it)",
         "UPDATE orders SET total = total WHERE id = 1",
     ),
 ]

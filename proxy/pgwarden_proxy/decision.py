@@ -1,7 +1,7 @@
 """The decision point: every statement passes here before it is forwarded.
 
-This version allows everything; the policy engine implements `Decider` with guardrails, access,
-masking and approvals.
+`policy.PolicyDecider` implements `Decider` with access and guardrails; masking and approvals
+plug in here too.
 """
 
 from __future__ import annotations
@@ -33,10 +33,3 @@ class Decider(Protocol):
     def decide(
         self, identity: Identity, statement: StatementInfo, params: Sequence[str | None] | None
     ) -> Decision: ...
-
-
-class AllowAll:
-    def decide(
-        self, identity: Identity, statement: StatementInfo, params: Sequence[str | None] | None
-    ) -> Decision:
-        return ALLOW

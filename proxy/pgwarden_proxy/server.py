@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pgwarden.api.config import NamedPolicy, ProxyConfig
 from pgwarden_proxy import upstream
 from pgwarden_proxy.auth.oidc import Identity, OidcVerifier
-from pgwarden_proxy.decision import AllowAll, Decider
+from pgwarden_proxy.decision import Decider
 from pgwarden_proxy.endpoint import Endpoint
 from pgwarden_proxy.events import EventSink, LogEventSink
 from pgwarden_proxy.http import HealthServer
 from pgwarden_proxy.metrics import ProxyMetrics
+from pgwarden_proxy.policy import PolicyDecider
 from pgwarden_proxy.session import Session, new_backend_key
 from pgwarden_proxy.sql.classify import Analyzer
 from pgwarden_proxy.wire.messages import ErrorInfo
@@ -55,7 +56,8 @@ class ProxyServer:
     ) -> None:
         self.config = config
         self.sink: EventSink = sink or LogEventSink(statements=config.logging.statements)
-        self.decider: Decider = decider or AllowAll()
+        self.policy = PolicyDecider(self.policies_for)
+        self.decider: Decider = decider or self.policy
         self.verifier = verifier or OidcVerifier(config.auth.oidc)
         self.analyzer = Analyzer()
         self.metrics = ProxyMetrics(config.connection)

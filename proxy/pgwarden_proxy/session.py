@@ -308,6 +308,7 @@ class Session:
                     "application_name": self.application_name,
                     "tls": self.client.tls,
                     "policies": [p.name for p in self.server.policies_for(identity)],
+                    "effective_policy": self.server.policy.effective(identity).as_dict(),
                     "token_expires": identity.expires_at.isoformat(),
                 },
             )

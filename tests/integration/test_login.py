@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 
 import psycopg
@@ -254,11 +256,13 @@ def test_session_ends_when_the_token_expires(make_proxy: MakeProxy, issuer: Loca
     # The session lasts as long as login would accept the token: exp plus the clock-skew leeway
     settings = Oidc.model_validate({"issuer": issuer.issuer, "audience": "pgwarden"})
     proxy = make_proxy(verifier=OidcVerifier(settings, leeway=0.5))
-    token = proxy.token(lifetime=2)
+    token = proxy.token(lifetime=3)
+    payload = token.split(".")[1]
+    exp = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
     with psycopg.connect(proxy.dsn(token), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-        time.sleep(1.8)
+        time.sleep(max(0.0, exp + 0.1 - time.time()))  # past exp, within the leeway
         assert conn.execute("SELECT 2").fetchone() == (2,)
-        time.sleep(1.2)
+        time.sleep(max(0.0, exp + 1.0 - time.time()))  # past exp + leeway
         with pytest.raises(psycopg.OperationalError, match="token expired"):
             conn.execute("SELECT 1")

@@ -1,0 +1,187 @@
+"""The effective policy of a session, and the access and guardrail decisions it makes.
+
+Combination follows ARCHITECTURE.md: grants add up (`read-write` only if some matching policy
+grants it), restrictions add up (every denied class and function, the smallest `maxRows` and
+`statementTimeout`). A statement the parser could not place (`unknown`) is refused wherever
+anything is restricted. Refusals are `42501` errors that name the policy, the class, and what
+the agent may do instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pgwarden.api.config import NamedPolicy
+from pgwarden.api.policy import Access
+from pgwarden.api.statements import StatementClass
+from pgwarden_proxy.auth.oidc import Identity
+from pgwarden_proxy.decision import ALLOW, Decision
+from pgwarden_proxy.sql.classify import StatementInfo
+from pgwarden_proxy.wire.messages import ErrorInfo
+
+C = StatementClass
+
+# What read-only access permits: reading, transaction control and (presentation) settings.
+READ_ONLY_CLASSES = frozenset({C.READ, C.TRANSACTION, C.SETTINGS})
+
+# Where a class is refused, what the agent can do instead.
+_INSTEAD: dict[StatementClass, str] = {
+    C.WRITE: "this session may read (SELECT) but not change data",
+    C.UNQUALIFIED_WRITE: "add a WHERE clause that selects the rows to change",
+    C.DDL: "schema changes go through your migration process, not this session",
+    C.DROP: "dropping objects is not possible through this session; ask a person to do it",
+    C.TRUNCATE: "use DELETE with a WHERE clause, if writes are allowed",
+    C.DCL: "privileges are managed by the database administrators",
+    C.COPY_PROGRAM: "COPY to or from a server program is not possible; use COPY ... TO STDOUT",
+    C.SERVER_FILES: "reading or writing server files is not possible; query tables instead",
+    C.SESSION_AUTHORIZATION: "the session's role is fixed by pgwarden; do not SET ROLE",
+    C.SETTINGS: "keep the session's settings as they are",
+    C.PROCEDURAL: "write the logic as plain SQL statements instead of DO, CALL or functions",
+    C.ADMIN: "administrative commands and functions are for the database administrators",
+    C.TRANSACTION: "run statements without explicit transaction control",
+    C.READ: "this policy does not allow reading either; ask for a policy that does",
+    C.UNKNOWN: "pgwarden could not parse this statement; rewrite it in plain PostgreSQL SQL",
+}
+
+
+def _refusal(message: str, hint: str) -> ErrorInfo:
+    return ErrorInfo("42501", f"pgwarden: {message}", hint=hint)
+
+
+@dataclass(frozen=True, slots=True)
+class EffectivePolicy:
+    """Every matching policy of a session, combined once at login."""
+
+    policies: tuple[str, ...]
+    read_write: str | None  # the policy that grants read-write; None: read-only
+    deny: dict[StatementClass, str]  # class -> the (first) policy that denies it
+    deny_functions: dict[str, str]  # lower-case function name -> policy
+    max_rows: int | None
+    statement_timeout: timedelta | None
+
+    @classmethod
+    def combine(cls, policies: Sequence[NamedPolicy]) -> EffectivePolicy:
+        ordered = sorted(policies, key=lambda p: p.name)
+        deny: dict[StatementClass, str] = {}
+        deny_functions: dict[str, str] = {}
+        max_rows: int | None = None
+        timeout: timedelta | None = None
+        read_write: str | None = None
+        for p in ordered:
+            g = p.spec.guardrails
+            for c in g.deny:
+                deny.setdefault(c, p.name)
+            for f in g.deny_functions:
+                deny_functions.setdefault(f.lower(), p.name)
+            if g.max_rows is not None:
+                max_rows = g.max_rows if max_rows is None else min(max_rows, g.max_rows)
+            if g.statement_timeout is not None:
+                t = g.statement_timeout
+                timeout = t if timeout is None else min(timeout, t)
+            if p.spec.access is Access.READ_WRITE and read_write is None:
+                read_write = p.name
+        return cls(
+            tuple(p.name for p in ordered), read_write, deny, deny_functions, max_rows, timeout
+        )
+
+    @property
+    def restricts(self) -> bool:
+        return (
+            self.read_write is None
+            or bool(self.deny)
+            or bool(self.deny_functions)
+            or self.max_rows is not None
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """For the session's first event: what this session may do, and why."""
+        return {
+            "policies": list(self.policies),
+            "access": "read-write" if self.read_write else "read-only",
+            "deny": sorted(self.deny),
+            "denyFunctions": sorted(self.deny_functions),
+            "maxRows": self.max_rows,
+            "statementTimeout": (
+                self.statement_timeout.total_seconds() if self.statement_timeout else None
+            ),
+        }
+
+    def decide(self, st: StatementInfo) -> Decision:
+        what = st.command or "this statement"
+        if C.UNKNOWN in st.classes and self.restricts:
+            reason = f" ({st.error})" if st.error else ""
+            names = ", ".join(self.policies)
+            return Decision(
+                False,
+                self.policies[0] if self.policies else None,
+                _refusal(
+                    f"{what} is refused: pgwarden cannot classify it{reason}, and policy "
+                    f'"{names}" restricts this session, so unknown statements are not run',
+                    _INSTEAD[C.UNKNOWN],
+                ),
+            )
+        for c in sorted(st.classes):
+            policy = self.deny.get(c)
+            if policy is not None:
+                return Decision(
+                    False,
+                    policy,
+                    _refusal(
+                        f'{what} is refused: statements of class "{c}" are denied by policy '
+                        f'"{policy}"',
+                        _INSTEAD[c],
+                    ),
+                )
+        if self.read_write is None:
+            beyond = sorted(st.classes - READ_ONLY_CLASSES - {C.UNKNOWN})
+            if beyond:
+                c = beyond[0]
+                names = ", ".join(f'"{n}"' for n in self.policies)
+                return Decision(
+                    False,
+                    self.policies[0] if self.policies else None,
+                    _refusal(
+                        f'{what} is refused: it is of class "{c}", and policy {names} grants '
+                        "read-only access",
+                        f"{_INSTEAD.get(c, _INSTEAD[C.WRITE])}; read-only sessions may run "
+                        "SELECT, SET and transaction control",
+                    ),
+                )
+        for f in sorted(st.functions):
+            policy = self.deny_functions.get(f)
+            if policy is not None:
+                return Decision(
+                    False,
+                    policy,
+                    _refusal(
+                        f'{what} is refused: it calls the function "{f}", denied by policy '
+                        f'"{policy}"',
+                        "compute the result without that function",
+                    ),
+                )
+        return ALLOW
+
+
+class PolicyDecider:
+    """Decides by the effective policy of the identity, combined once per identity."""
+
+    def __init__(self, policies_for: Callable[[Identity], list[NamedPolicy]]) -> None:
+        self._policies_for = policies_for
+        self._cache: dict[tuple[str, frozenset[str]], EffectivePolicy] = {}
+
+    def effective(self, identity: Identity) -> EffectivePolicy:
+        key = (identity.username, identity.groups)
+        eff = self._cache.get(key)
+        if eff is None:
+            if len(self._cache) >= 10_000:  # bounded: identities come and go
+                self._cache.clear()
+            eff = self._cache[key] = EffectivePolicy.combine(self._policies_for(identity))
+        return eff
+
+    def decide(
+        self, identity: Identity, statement: StatementInfo, params: Sequence[str | None] | None
+    ) -> Decision:
+        return self.effective(identity).decide(statement)
