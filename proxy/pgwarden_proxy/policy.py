@@ -61,6 +61,7 @@ class EffectivePolicy:
     deny_functions: dict[str, str]  # lower-case function name -> policy
     max_rows: int | None
     statement_timeout: timedelta | None
+    timeout_policy: str | None = None  # the policy whose statementTimeout is the smallest
 
     @classmethod
     def combine(cls, policies: Sequence[NamedPolicy]) -> EffectivePolicy:
@@ -69,6 +70,7 @@ class EffectivePolicy:
         deny_functions: dict[str, str] = {}
         max_rows: int | None = None
         timeout: timedelta | None = None
+        timeout_policy: str | None = None
         read_write: str | None = None
         for p in ordered:
             g = p.spec.guardrails
@@ -78,14 +80,35 @@ class EffectivePolicy:
                 deny_functions.setdefault(f.lower(), p.name)
             if g.max_rows is not None:
                 max_rows = g.max_rows if max_rows is None else min(max_rows, g.max_rows)
-            if g.statement_timeout is not None:
-                t = g.statement_timeout
-                timeout = t if timeout is None else min(timeout, t)
+            if g.statement_timeout is not None and (
+                timeout is None or g.statement_timeout < timeout
+            ):
+                timeout, timeout_policy = g.statement_timeout, p.name
             if p.spec.access is Access.READ_WRITE and read_write is None:
                 read_write = p.name
-        return cls(
-            tuple(p.name for p in ordered), read_write, deny, deny_functions, max_rows, timeout
-        )
+        names = tuple(p.name for p in ordered)
+        return cls(names, read_write, deny, deny_functions, max_rows, timeout, timeout_policy)
+
+    def upstream_settings(self) -> dict[str, str]:
+        """Startup parameters of the database session: its defaults, which RESET returns to."""
+        settings: dict[str, str] = {}
+        if self.read_write is None:
+            settings["default_transaction_read_only"] = "on"
+        if self.statement_timeout is not None:
+            ms = max(1, round(self.statement_timeout.total_seconds() * 1000))
+            settings["statement_timeout"] = str(ms)
+        return settings
+
+    @property
+    def fixed_settings(self) -> dict[str, str]:
+        """Settings the client may not change (lower-case name -> the policy that fixes it)."""
+        fixed: dict[str, str] = {}
+        if self.read_write is None and self.policies:
+            for name in ("default_transaction_read_only", "transaction_read_only", "*"):
+                fixed[name] = self.policies[0]
+        if self.timeout_policy is not None:
+            fixed["statement_timeout"] = fixed["*"] = self.timeout_policy
+        return fixed
 
     @property
     def restricts(self) -> bool:
@@ -121,6 +144,19 @@ class EffectivePolicy:
                     f"{what} is refused: pgwarden cannot classify it{reason}, and policy "
                     f'"{names}" restricts this session, so unknown statements are not run',
                     _INSTEAD[C.UNKNOWN],
+                ),
+            )
+        fixed = self.fixed_settings
+        for name in sorted(st.settings & fixed.keys()):
+            shown = "every setting" if name == "*" else f'"{name}"'
+            return Decision(
+                False,
+                fixed[name],
+                _refusal(
+                    f'{what} is refused: it would change {shown}, which policy "{fixed[name]}" '
+                    "fixes for this session",
+                    "leave these settings as they are; other settings (search_path, "
+                    "DateStyle, ...) can be changed",
                 ),
             )
         for c in sorted(st.classes):

@@ -277,7 +277,12 @@ class Session:
 
     async def _connect_upstream(self, request: StartupRequest) -> None:
         try:
-            up = await connect_upstream(self.cfg.upstream, request.forwarded)
+            assert self.identity is not None
+            policy = self.server.policy.effective(self.identity)
+            # the policy's settings last: a client parameter cannot override them
+            up = await connect_upstream(
+                self.cfg.upstream, {**request.forwarded, **policy.upstream_settings()}
+            )
         except UpstreamError as e:
             self.server.metrics.upstream_errors.labels(e.reason).inc()
             raise _Refused(_fatal(e.sqlstate, e.message), "upstream_" + e.reason) from e

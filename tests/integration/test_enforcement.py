@@ -97,3 +97,30 @@ def test_denied_functions_and_unknown_statements(ro: RunningProxy) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="server-files"):
             conn.execute("SELECT pg_read_file('/etc/hostname')")
         assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_read_only_and_timeout_hold_upstream(make_proxy: MakeProxy) -> None:
+    p = make_proxy(
+        policies=[
+            {
+                "name": "ro-fast",
+                "spec": {
+                    "subjects": {"groups": ["ai-agents"]},
+                    "access": "read-only",
+                    "guardrails": {"statementTimeout": "300ms"},
+                },
+            }
+        ]
+    )
+    with psycopg.connect(p.dsn(), autocommit=True) as conn:
+        # the database itself holds the session read-only, whatever the classifier thinks
+        assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("300ms",)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="fixes for this session"):
+            conn.execute("SET default_transaction_read_only = off")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("BEGIN READ WRITE")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(2)")
+        conn.execute("RESET search_path")
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -120,3 +120,36 @@ def test_unqualified_write_hint_says_add_a_where_clause() -> None:
     assert d.error is not None
     assert "WHERE" in (d.error.hint or "")
     assert eff.decide(one("DELETE FROM t WHERE id = 1")).allowed
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET default_transaction_read_only = off",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        "BEGIN READ WRITE",
+        "SET TRANSACTION READ WRITE",
+        "SELECT set_config('default_transaction_read_only', 'off', false)",
+        "RESET ALL",
+    ],
+)
+def test_read_only_mode_cannot_be_switched_off(sql: str) -> None:
+    d = READ_ONLY.decide(one(sql))
+    assert not d.allowed, sql
+    assert d.error is not None
+    assert "fixes for this session" in d.error.message or "read-only" in d.error.message
+
+
+def test_statement_timeout_is_a_startup_setting_the_client_cannot_change() -> None:
+    eff = EffectivePolicy.combine(
+        [
+            pol("slow", access="read-write", guardrails={"statementTimeout": "1m"}),
+            pol("fast", access="read-write", guardrails={"statementTimeout": "250ms"}),
+        ]
+    )
+    assert eff.upstream_settings() == {"statement_timeout": "250"}
+    assert READ_ONLY.upstream_settings() == {"default_transaction_read_only": "on"}
+    d = eff.decide(one("SET statement_timeout = 0"))
+    assert (d.allowed, d.policy) == (False, "fast")
+    assert eff.decide(one("SET search_path = public")).allowed
+    assert eff.decide(one("BEGIN READ WRITE")).allowed  # read-write access: nothing fixed there
