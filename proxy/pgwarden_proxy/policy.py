@@ -62,6 +62,7 @@ class EffectivePolicy:
     max_rows: int | None
     statement_timeout: timedelta | None
     timeout_policy: str | None = None  # the policy whose statementTimeout is the smallest
+    max_rows_policy: str | None = None  # the policy whose maxRows is the smallest
 
     @classmethod
     def combine(cls, policies: Sequence[NamedPolicy]) -> EffectivePolicy:
@@ -71,6 +72,7 @@ class EffectivePolicy:
         max_rows: int | None = None
         timeout: timedelta | None = None
         timeout_policy: str | None = None
+        max_rows_policy: str | None = None
         read_write: str | None = None
         for p in ordered:
             g = p.spec.guardrails
@@ -78,8 +80,8 @@ class EffectivePolicy:
                 deny.setdefault(c, p.name)
             for f in g.deny_functions:
                 deny_functions.setdefault(f.lower(), p.name)
-            if g.max_rows is not None:
-                max_rows = g.max_rows if max_rows is None else min(max_rows, g.max_rows)
+            if g.max_rows is not None and (max_rows is None or g.max_rows < max_rows):
+                max_rows, max_rows_policy = g.max_rows, p.name
             if g.statement_timeout is not None and (
                 timeout is None or g.statement_timeout < timeout
             ):
@@ -87,7 +89,25 @@ class EffectivePolicy:
             if p.spec.access is Access.READ_WRITE and read_write is None:
                 read_write = p.name
         names = tuple(p.name for p in ordered)
-        return cls(names, read_write, deny, deny_functions, max_rows, timeout, timeout_policy)
+        return cls(
+            names,
+            read_write,
+            deny,
+            deny_functions,
+            max_rows,
+            timeout,
+            timeout_policy,
+            max_rows_policy,
+        )
+
+    def rows_cut_notice(self, dropped: int) -> ErrorInfo:
+        return ErrorInfo(
+            "01000",
+            f"pgwarden: the result was cut at {self.max_rows} rows (maxRows of policy "
+            f'"{self.max_rows_policy}"); {dropped} more rows were not sent',
+            "WARNING",
+            hint="select fewer rows: add a WHERE clause or LIMIT, or aggregate",
+        )
 
     def upstream_settings(self) -> dict[str, str]:
         """Startup parameters of the database session: its defaults, which RESET returns to."""

@@ -46,6 +46,8 @@ _TOKEN_MESSAGE_LIMIT = 64 * 1024
 _POISON = m.describe_statement("pgwarden.refused")
 _POISON_SYNC = _POISON + m.sync()
 _DATAROW, _COPYDATA = ord("D"), ord("d")
+# where one statement's rows end: CommandComplete, PortalSuspended, Error, EmptyQuery, Ready
+_STATEMENT_END = frozenset(b"CsEIZ")
 _UNKNOWN_STATEMENT = StatementInfo(
     text="",
     fingerprint=None,
@@ -107,6 +109,7 @@ class Session:
             streamed=(_DATAROW, _COPYDATA), counted=_DATAROW, max_message=limits.max_message_bytes
         )
         self.tracker = Tracker(self._statement_done)
+        self._max_rows: int | None = None  # the effective policy's maxRows, set at login
 
     # ================================================================== lifecycle
     async def run(self) -> None:
@@ -330,6 +333,8 @@ class Session:
         up = self.upstream
         assert up is not None
         assert self.identity is not None
+        self._max_rows = self.server.policy.effective(self.identity).max_rows
+        self._server_scanner.row_budget = self._max_rows
         self.client.peer = up.endpoint
         up.endpoint.peer = self.client
         loop = asyncio.get_running_loop()
@@ -502,12 +507,15 @@ class Session:
         out: list[bytes] = []
         server = self.tracker.server
         hazard: str | None = None
+        max_rows = self._max_rows
         try:
             for item in self._server_scanner.feed(data):
                 if type(item) is bytes:
                     out.append(item)
                     continue
                 assert isinstance(item, Message)
+                if max_rows is not None and item.type in _STATEMENT_END:
+                    item = self._end_of_rows(item, max_rows, out)
                 reply = server(item)
                 if reply is not None:
                     out.append(reply)
@@ -530,6 +538,27 @@ class Session:
             self.terminate(hazard_error(hazard), reason=f"unsafe setting: {hazard}")
         elif self._terminating is not None:
             self._maybe_terminate()
+
+    def _end_of_rows(self, msg: Message, max_rows: int, out: list[bytes]) -> Message:
+        """A statement's rows ended: say so if maxRows cut them, and reset the budget."""
+        scanner = self._server_scanner
+        dropped = scanner.dropped
+        scanner.row_budget = max_rows
+        scanner.dropped = 0
+        if not dropped or msg.type not in (67, 115):  # C CommandComplete, s PortalSuspended
+            return msg
+        assert self.identity is not None
+        out.append(
+            m.notice_response(self.server.policy.effective(self.identity).rows_cut_notice(dropped))
+        )
+        if msg.type != 67:
+            return msg
+        # the tag counts what the client got ("SELECT 1000", not the rows the server found)
+        verb, _, count = msg.body[:-1].rpartition(b" ")
+        if not count.isdigit():
+            return msg
+        body = verb + b" " + str(max_rows).encode() + b"\x00"
+        return Message(67, body, m.frame(b"C", body), msg.rows, msg.row_bytes)
 
     def _parameter_status(self, body: bytes) -> str | None:
         """Follow the session's settings; returns a parsing hazard the server just reported."""

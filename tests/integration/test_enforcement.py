@@ -124,3 +124,42 @@ def test_read_only_and_timeout_hold_upstream(make_proxy: MakeProxy) -> None:
             conn.execute("SELECT pg_sleep(2)")
         conn.execute("RESET search_path")
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_max_rows_cuts_each_result_with_a_notice(make_proxy: MakeProxy) -> None:
+    p = make_proxy(
+        policies=[
+            {
+                "name": "capped",
+                "spec": {
+                    "subjects": {"groups": ["ai-agents"]},
+                    "access": "read-only",
+                    "guardrails": {"maxRows": 5},
+                },
+            },
+            {
+                "name": "generous",
+                "spec": {"subjects": {"groups": ["ai-agents"]}, "guardrails": {"maxRows": 50}},
+            },
+        ]
+    )
+    notices: list[str] = []
+    with psycopg.connect(p.dsn(), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        cur = conn.execute("SELECT g, repeat('x', g) FROM generate_series(1, 1000) g")
+        assert [r[0] for r in cur.fetchall()] == [1, 2, 3, 4, 5]
+        assert cur.rowcount == 5
+        # extended protocol, several results in one pipeline, each capped on its own
+        with conn.pipeline():
+            c1 = conn.execute("SELECT generate_series(1, %s)", (7,))
+            c2 = conn.execute("SELECT generate_series(1, %s)", (3,))
+        assert len(c1.fetchall()) == 5
+        assert len(c2.fetchall()) == 3
+        assert conn.execute("SELECT 42").fetchone() == (42,)
+    assert len(notices) == 2
+    assert notices[0].startswith(
+        'pgwarden: the result was cut at 5 rows (maxRows of policy "capped")'
+    )
+    assert "995 more rows" in notices[0]
+    rows = [(e.statement[:30], e.rows) for e in p.sink.statements]
+    assert ("SELECT g, repeat('x', g) FROM ", 5) in rows

@@ -59,6 +59,25 @@ def test_any_split_gives_the_same_stream_and_messages(msgs: list[bytes], cuts: l
     assert sum(m.rows for m in split_msgs) <= sum(1 for x in msgs if x[0] == D)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(message, max_size=40),
+    st.lists(st.integers(0, 20000), max_size=30),
+    st.integers(0, 10),
+)
+def test_row_budget_drops_exactly_the_rows_beyond_it(
+    msgs: list[bytes], cuts: list[int], budget: int
+) -> None:
+    data = b"".join(msgs)
+    scanner = Scanner(streamed=(D, d), counted=D, max_message=1 << 20)
+    scanner.row_budget = budget
+    passed, _ = run(scanner, chunks_of(data, cuts))
+    rows = [i for i, x in enumerate(msgs) if x[0] == D]
+    over = set(rows[budget:])
+    assert passed == b"".join(x for i, x in enumerate(msgs) if i not in over)
+    assert scanner.dropped == len(over)
+
+
 def test_rows_are_attributed_to_the_next_message() -> None:
     data = (
         frame(b"D", b"a") * 3

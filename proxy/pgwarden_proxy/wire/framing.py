@@ -48,12 +48,15 @@ class Scanner:
 
     __slots__ = (
         "_counted",
+        "_dropping",
         "_frontend",
         "_max_message",
         "_partial",
         "_row_bytes",
         "_rows",
         "_skip",
+        "dropped",
+        "row_budget",
         "streamed",
     )
 
@@ -73,6 +76,10 @@ class Scanner:
         self._skip = 0  # bytes of a streamed message still to pass through
         self._rows = 0
         self._row_bytes = 0
+        # maxRows: counted messages still to pass (None: no limit); beyond it they are dropped
+        self.row_budget: int | None = None
+        self.dropped = 0
+        self._dropping = False  # the streamed message being skipped is dropped, not passed
 
     @property
     def at_boundary(self) -> bool:
@@ -85,14 +92,18 @@ class Scanner:
             self._partial = b""
         n = len(data)
         pos = 0
+        run_start = 0
         if self._skip:
             if self._skip >= n:
                 self._skip -= n
-                yield data
+                if not self._dropping:
+                    yield data
                 return
             pos = self._skip
             self._skip = 0
-        run_start = 0
+            if self._dropping:
+                run_start = pos
+                self._dropping = False
         unpack = _HDR.unpack_from
         streamed = self.streamed
         counted = self._counted
@@ -105,6 +116,20 @@ class Scanner:
                 if length < 4 or length > STREAM_LIMIT:
                     raise ProtocolViolation(f"invalid length {length} for message {chr(typ)!r}")
                 if typ == counted:
+                    budget = self.row_budget
+                    if budget is not None:
+                        if budget <= 0:  # over maxRows: drop this row
+                            if pos > run_start:
+                                yield data[run_start:pos]
+                            self.dropped += 1
+                            if end > n:
+                                self._skip = end - n
+                                self._dropping = True
+                                pos = run_start = n
+                                break
+                            pos = run_start = end
+                            continue
+                        self.row_budget = budget - 1
                     self._rows += 1
                     self._row_bytes += length + 1
                 if end > n:
