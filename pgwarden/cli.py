@@ -21,7 +21,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     logs.configure(config.logging.level)
     from pgwarden_proxy.main import run
 
-    return run(config)
+    return run(config, Path(args.config))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The proxy configuration (the *bundle*): the local config file and the operator's ConfigMap.
 
 The schema is a contract (see ARCHITECTURE.md). Fields the contract does not name (`limits`,
-`logging`) are additions with safe defaults.
+`logging`, `masking`, `approvals.holdTimeout`) are additions with safe defaults.
 """
 
 from __future__ import annotations
@@ -119,6 +119,17 @@ class Approvals(Model):
         return self
 
 
+class MaskingKeys(Model):
+    # The key of the `hash` strategy: the same key gives the same hashes in every session and
+    # replica, so joins on hashed values still work. Without it a random key per process is used.
+    hash_key_file: Path | None = Field(default=None, alias="hashKeyFile")
+
+    def read_hash_key(self) -> bytes | None:
+        if self.hash_key_file is None:
+            return None
+        return self.hash_key_file.read_bytes().strip()
+
+
 class Metrics(Model):
     host: str = "0.0.0.0"
     port: int | None = Field(default=9187, ge=0, le=65535)  # null: no HTTP endpoint
@@ -147,6 +158,7 @@ class ProxyConfig(Model):
     policies: list[NamedPolicy] = Field(default_factory=list)
     recording: Recording = Field(default_factory=Recording)
     approvals: Approvals = Field(default_factory=Approvals)
+    masking: MaskingKeys = Field(default_factory=MaskingKeys)
     metrics: Metrics = Field(default_factory=Metrics)
     limits: Limits = Field(default_factory=Limits)
     logging: Logging = Field(default_factory=Logging)

@@ -1,17 +1,9 @@
-"""The decision point: every statement passes here before it is forwarded.
-
-`policy.PolicyDecider` implements `Decider` with access and guardrails; masking and approvals
-plug in here too.
-"""
+"""What the decision point says about one statement (see `policy.EffectivePolicy.decide`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from pgwarden_proxy.auth.oidc import Identity
-from pgwarden_proxy.sql.classify import StatementInfo
 from pgwarden_proxy.wire.messages import ErrorInfo
 
 
@@ -27,9 +19,3 @@ class Decision:
 
 
 ALLOW = Decision(True)
-
-
-class Decider(Protocol):
-    def decide(
-        self, identity: Identity, statement: StatementInfo, params: Sequence[str | None] | None
-    ) -> Decision: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from pgwarden.api.config import ProxyConfig
 from pgwarden_proxy.server import ProxyServer
@@ -20,10 +21,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def run(config: ProxyConfig) -> int:
+def run(config: ProxyConfig, config_path: Path | None = None) -> int:
+    """Serve until SIGTERM; with `config_path`, a changed file or SIGHUP reloads it live."""
     loop = new_event_loop()
     try:
-        loop.run_until_complete(ProxyServer(config).serve_forever())
+        loop.run_until_complete(ProxyServer(config, config_path=config_path).serve_forever())
     except OSError as e:
         log.error("cannot start the proxy", extra={"error": str(e)})
         return 1

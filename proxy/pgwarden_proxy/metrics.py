@@ -61,6 +61,12 @@ class ProxyMetrics:
         self.protocol_violations = Counter(
             "pgwarden_protocol_violations", "Connections closed for malformed input", registry=r
         )
+        self.reloads = Counter(
+            "pgwarden_config_reloads",
+            "Config reloads by result (applied, invalid)",
+            ["result"],
+            registry=r,
+        )
         self.info = Gauge("pgwarden_info", "Proxy identity", list(labels), registry=r)
         self.info.labels(**labels).set(1)
         # Cache labelled children: .labels() costs a dict lookup plus locking on every call.
@@ -73,6 +79,9 @@ class ProxyMetrics:
                 child = self._stmt_children[(c, decision)] = self.statements.labels(c, decision)
             child.inc()
         self.latency.observe(seconds)
+
+    def reloads_by(self, result: str) -> None:
+        self.reloads.labels(result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -154,6 +154,17 @@ class EffectivePolicy:
 
     def decide(self, st: StatementInfo) -> Decision:
         what = st.command or "this statement"
+        if not self.policies:  # a reload took this identity's last policy away
+            return Decision(
+                False,
+                None,
+                _refusal(
+                    f"{what} is refused: no AccessPolicy grants this identity access to this "
+                    "connection any more",
+                    "ask a platform engineer to add you or one of your groups to the subjects "
+                    "of an AccessPolicy for this connection",
+                ),
+            )
         if C.UNKNOWN in st.classes and self.restricts:
             reason = f" ({st.error})" if st.error else ""
             names = ", ".join(self.policies)
@@ -221,12 +232,21 @@ class EffectivePolicy:
         return ALLOW
 
 
-class PolicyDecider:
-    """Decides by the effective policy of the identity, combined once per identity."""
+class PolicyStore:
+    """The effective policy of each identity, combined once and cached until the next reload.
+
+    `generation` changes whenever the policies do, so a running session notices a reload at its
+    next statement and takes the new effective policy from then on.
+    """
 
     def __init__(self, policies_for: Callable[[Identity], list[NamedPolicy]]) -> None:
         self._policies_for = policies_for
         self._cache: dict[tuple[str, frozenset[str]], EffectivePolicy] = {}
+        self.generation = 0
+
+    def reloaded(self) -> None:
+        self._cache = {}
+        self.generation += 1
 
     def effective(self, identity: Identity) -> EffectivePolicy:
         key = (identity.username, identity.groups)
@@ -236,8 +256,3 @@ class PolicyDecider:
                 self._cache.clear()
             eff = self._cache[key] = EffectivePolicy.combine(self._policies_for(identity))
         return eff
-
-    def decide(
-        self, identity: Identity, statement: StatementInfo, params: Sequence[str | None] | None
-    ) -> Decision:
-        return self.effective(identity).decide(statement)

@@ -8,16 +8,17 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 from pgwarden.api.config import NamedPolicy, ProxyConfig
 from pgwarden_proxy import upstream
 from pgwarden_proxy.auth.oidc import Identity, OidcVerifier
-from pgwarden_proxy.decision import Decider
 from pgwarden_proxy.endpoint import Endpoint
 from pgwarden_proxy.events import EventSink, LogEventSink
 from pgwarden_proxy.http import HealthServer
 from pgwarden_proxy.metrics import ProxyMetrics
-from pgwarden_proxy.policy import PolicyDecider
+from pgwarden_proxy.policy import PolicyStore
+from pgwarden_proxy.reload import LIVE_FIELDS, ConfigWatcher, restart_fields
 from pgwarden_proxy.session import Session, new_backend_key
 from pgwarden_proxy.sql.classify import Analyzer
 from pgwarden_proxy.wire.messages import ErrorInfo
@@ -51,13 +52,12 @@ class ProxyServer:
         config: ProxyConfig,
         *,
         sink: EventSink | None = None,
-        decider: Decider | None = None,
         verifier: OidcVerifier | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
         self.sink: EventSink = sink or LogEventSink(statements=config.logging.statements)
-        self.policy = PolicyDecider(self.policies_for)
-        self.decider: Decider = decider or self.policy
+        self.policy = PolicyStore(self.policies_for)
         self.verifier = verifier or OidcVerifier(config.auth.oidc)
         self.analyzer = Analyzer()
         self.metrics = ProxyMetrics(config.connection)
@@ -70,6 +70,11 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._health: HealthServer | None = None
         self._stopped: asyncio.Event | None = None
+        self.watcher = (
+            ConfigWatcher(config_path, self.apply_config, on_result=self.metrics.reloads_by)
+            if config_path is not None
+            else None
+        )
 
     # ------------------------------------------------------------------ policies
     def policies_for(self, identity: Identity) -> list[NamedPolicy]:
@@ -79,6 +84,17 @@ class ProxyServer:
             for p in self.config.policies
             if p.spec.selects(name) and p.spec.grants(identity.username, identity.groups)
         ]
+
+    def apply_config(self, new: ProxyConfig) -> None:
+        """Take over a reloaded config: running sessions use it from their next statement."""
+        stale = restart_fields(self.config, new)
+        if stale:
+            log.warning(
+                "config fields changed that take effect only after a restart",
+                extra={"fields": stale},
+            )
+        self.config = self.config.model_copy(update={f: getattr(new, f) for f in LIVE_FIELDS})
+        self.policy.reloaded()
 
     # ------------------------------------------------------------------ sessions
     @property
@@ -147,6 +163,8 @@ class ProxyServer:
             backlog=1024,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.watcher is not None:
+            self.watcher.start()
         if self.config.metrics.port is not None:
             self._health = HealthServer(self, self.config.metrics.host, self.config.metrics.port)
             await self._health.start()
@@ -192,6 +210,8 @@ class ProxyServer:
                 _, pending = await asyncio.wait(pending, timeout=2)
                 for t in pending:
                     t.cancel()
+        if self.watcher is not None:
+            self.watcher.stop()
         if self._health is not None:
             await self._health.stop()
         if self._stopped is not None:
@@ -206,4 +226,6 @@ class ProxyServer:
             shutdown: Callable[[], object] = lambda: loop.create_task(self.shutdown())  # noqa: E731
             loop.add_signal_handler(signal.SIGTERM, shutdown)
             loop.add_signal_handler(signal.SIGINT, shutdown)
+            if self.watcher is not None:
+                loop.add_signal_handler(signal.SIGHUP, self.watcher.reload_now)
         await self._stopped.wait()

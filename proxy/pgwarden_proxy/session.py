@@ -20,6 +20,7 @@ from pgwarden_proxy.auth.oidc import Identity, TokenRejected
 from pgwarden_proxy.decision import Decision
 from pgwarden_proxy.endpoint import ConnectionClosed, Endpoint
 from pgwarden_proxy.events import SessionEvent, StatementEvent
+from pgwarden_proxy.policy import EffectivePolicy
 from pgwarden_proxy.sql.classify import StatementInfo
 from pgwarden_proxy.startup import (
     StartupRefused,
@@ -109,7 +110,9 @@ class Session:
             streamed=(_DATAROW, _COPYDATA), counted=_DATAROW, max_message=limits.max_message_bytes
         )
         self.tracker = Tracker(self._statement_done)
-        self._max_rows: int | None = None  # the effective policy's maxRows, set at login
+        self.policy = EffectivePolicy.combine(())  # set at login, renewed after a reload
+        self._policy_generation = -1
+        self._max_rows: int | None = None  # the effective policy's maxRows
 
     # ================================================================== lifecycle
     async def run(self) -> None:
@@ -281,10 +284,10 @@ class Session:
     async def _connect_upstream(self, request: StartupRequest) -> None:
         try:
             assert self.identity is not None
-            policy = self.server.policy.effective(self.identity)
+            self._refresh_policy()
             # the policy's settings last: a client parameter cannot override them
             up = await connect_upstream(
-                self.cfg.upstream, {**request.forwarded, **policy.upstream_settings()}
+                self.cfg.upstream, {**request.forwarded, **self.policy.upstream_settings()}
             )
         except UpstreamError as e:
             self.server.metrics.upstream_errors.labels(e.reason).inc()
@@ -316,7 +319,7 @@ class Session:
                     "application_name": self.application_name,
                     "tls": self.client.tls,
                     "policies": [p.name for p in self.server.policies_for(identity)],
-                    "effective_policy": self.server.policy.effective(identity).as_dict(),
+                    "effective_policy": self.policy.as_dict(),
                     "token_expires": identity.expires_at.isoformat(),
                 },
             )
@@ -333,7 +336,6 @@ class Session:
         up = self.upstream
         assert up is not None
         assert self.identity is not None
-        self._max_rows = self.server.policy.effective(self.identity).max_rows
         self._server_scanner.row_budget = self._max_rows
         self.client.peer = up.endpoint
         up.endpoint.peer = self.client
@@ -478,7 +480,9 @@ class Session:
     ) -> tuple[Op, Decision]:
         identity = self.identity
         assert identity is not None
-        decision = self.server.decider.decide(identity, info, params)
+        if self._policy_generation != self.server.policy.generation:
+            self._refresh_policy()
+        decision = self.policy.decide(info)
         self.statements += 1
         ev = StatementEvent(
             session_id=self.id,
@@ -496,6 +500,16 @@ class Session:
         )
         return Op(ev), decision
 
+    def _refresh_policy(self) -> None:
+        """Take the identity's effective policy (at login, and after each reload)."""
+        assert self.identity is not None
+        store = self.server.policy
+        self._policy_generation = store.generation
+        self.policy = store.effective(self.identity)
+        self._max_rows = self.policy.max_rows
+        if self.tracker.idle:  # otherwise the running statement ends first (_end_of_rows)
+            self._server_scanner.row_budget = self._max_rows
+
     def _decode(self, raw: bytes) -> str:
         return raw.decode(self.encoding, errors="replace")
 
@@ -507,15 +521,17 @@ class Session:
         out: list[bytes] = []
         server = self.tracker.server
         hazard: str | None = None
-        max_rows = self._max_rows
+        scanner = self._server_scanner
         try:
             for item in self._server_scanner.feed(data):
                 if type(item) is bytes:
                     out.append(item)
                     continue
                 assert isinstance(item, Message)
-                if max_rows is not None and item.type in _STATEMENT_END:
-                    item = self._end_of_rows(item, max_rows, out)
+                if item.type in _STATEMENT_END and (
+                    scanner.row_budget is not None or self._max_rows is not None
+                ):
+                    item = self._end_of_rows(item, out)
                 reply = server(item)
                 if reply is not None:
                     out.append(reply)
@@ -539,25 +555,22 @@ class Session:
         elif self._terminating is not None:
             self._maybe_terminate()
 
-    def _end_of_rows(self, msg: Message, max_rows: int, out: list[bytes]) -> Message:
+    def _end_of_rows(self, msg: Message, out: list[bytes]) -> Message:
         """A statement's rows ended: say so if maxRows cut them, and reset the budget."""
         scanner = self._server_scanner
         dropped = scanner.dropped
-        scanner.row_budget = max_rows
+        scanner.row_budget = self._max_rows
         scanner.dropped = 0
         if not dropped or msg.type not in (67, 115):  # C CommandComplete, s PortalSuspended
             return msg
-        assert self.identity is not None
-        out.append(
-            m.notice_response(self.server.policy.effective(self.identity).rows_cut_notice(dropped))
-        )
+        out.append(m.notice_response(self.policy.rows_cut_notice(dropped)))
         if msg.type != 67:
             return msg
         # the tag counts what the client got ("SELECT 1000", not the rows the server found)
         verb, _, count = msg.body[:-1].rpartition(b" ")
         if not count.isdigit():
             return msg
-        body = verb + b" " + str(max_rows).encode() + b"\x00"
+        body = verb + b" " + str(max(int(count) - dropped, 0)).encode() + b"\x00"
         return Message(67, body, m.frame(b"C", body), msg.rows, msg.row_bytes)
 
     def _parameter_status(self, body: bytes) -> str | None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pgwarden.api.config import ProxyConfig
 from pgwarden_proxy.auth.oidc import OidcVerifier
-from pgwarden_proxy.decision import Decider
 from pgwarden_proxy.events import EventSink
 from pgwarden_proxy.main import new_event_loop
 from pgwarden_proxy.server import ProxyServer
@@ -23,11 +23,11 @@ class ProxyThread:
         config: ProxyConfig,
         *,
         sink: EventSink | None = None,
-        decider: Decider | None = None,
+        config_path: Path | None = None,
         verifier: OidcVerifier | None = None,
     ) -> None:
         self.loop = new_event_loop()
-        self.server = ProxyServer(config, sink=sink, decider=decider, verifier=verifier)
+        self.server = ProxyServer(config, sink=sink, verifier=verifier, config_path=config_path)
         self._thread = threading.Thread(target=self._run, name="pgwarden-proxy", daemon=True)
         self._started = threading.Event()
         self._error: BaseException | None = None
