@@ -1,0 +1,1 @@
+"""Approval backends: statements held until a person approves them (files now, Kubernetes later)."""
