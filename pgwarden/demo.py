@@ -1,7 +1,8 @@
 """`pgwarden demo`: the whole data path on one machine, no cluster.
 
 A throwaway PostgreSQL with sample data (TLS, scram-sha-256), a local OIDC issuer, the proxy
-(TLS on both sides), and a short scripted agent session with real psql. Then it prints what the
+(TLS on both sides), and a short scripted agent session with real psql: masked personal data, a
+refused DROP, and a write held until a (scripted) reviewer approves it. Then it prints what the
 proxy saw.
 """
 
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,15 +49,48 @@ GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO pgwarden_demo;
 
 AGENT_SCRIPT = [
     ("look around", "SELECT count(*) AS customers FROM customers"),
-    ("read some rows", "SELECT id, name, email FROM customers ORDER BY id LIMIT 3"),
+    (
+        "read personal data (email partial, ssn redacted, card numbers found by a detector)",
+        "SELECT id, name, email, ssn, card FROM customers ORDER BY id",
+    ),
+    ("a derived value is masked too", "SELECT upper(email) AS shouting FROM customers LIMIT 1"),
     ("aggregate", "SELECT customer_id, count(*), sum(total) FROM orders GROUP BY 1 ORDER BY 1"),
     ("two statements at once", "SELECT now(); SELECT current_user"),
     ("a failing statement", "SELECT * FROM no_such_table"),
+    ("a stray DROP (the policy denies it)", "DROP TABLE orders"),
     (
-        "a write (the read-only policy refuses it)",
-        "UPDATE orders SET total = total WHERE id = 1",
+        "a write waits for a person (a reviewer approves it)",
+        "UPDATE orders SET total = total + 1 WHERE id = 1",
     ),
 ]
+
+POLICY = {
+    "connections": ["shop-db"],
+    "subjects": {"groups": ["ai-agents"]},
+    "access": "read-write",
+    "guardrails": {"deny": ["ddl", "drop", "truncate"], "maxRows": 1000},
+    "masking": [
+        {"columns": ["public.customers.email"], "strategy": "partial"},
+        {"columns": ["public.customers.ssn"], "strategy": "redact"},
+        {"detectors": ["credit-card"], "strategy": "partial"},
+    ],
+    "approvals": {"require": ["write"]},
+}
+
+
+def _reviewer(directory: Path, stop: threading.Event) -> None:
+    """A person who approves every request after a short look (the demo's second pair of eyes)."""
+    from pgwarden.api.approvals import ApprovalState
+    from pgwarden_proxy.approvals.files import FileApprovals
+
+    approvals = FileApprovals(directory)
+    while not stop.wait(0.2):
+        for req in approvals.list_requests():
+            time.sleep(1.0)
+            approvals.decide(
+                req.name, ApprovalState.APPROVED, by="reviewer@example.com", comment="looks fine"
+            )
+            print(f"   (reviewer@example.com approved request {req.name})")
 
 
 def _psql(port: int, token: str, ca: Path, sql: str) -> subprocess.CompletedProcess[str]:
@@ -135,27 +170,21 @@ def main(keep_running: bool = False) -> int:
                         "caFile": str(pg.ca_file),
                     },
                     "auth": {"oidc": {"issuer": issuer.issuer, "audience": "pgwarden"}},
-                    "policies": [
-                        {
-                            "name": "ai-agents-readonly",
-                            "spec": {
-                                "connections": ["shop-db"],
-                                "subjects": {"groups": ["ai-agents"]},
-                                "access": "read-only",
-                                "guardrails": {
-                                    "deny": ["ddl", "drop", "truncate"],
-                                    "maxRows": 1000,
-                                },
-                                "masking": [
-                                    {"columns": ["public.customers.ssn"], "strategy": "redact"}
-                                ],
-                            },
-                        }
-                    ],
+                    "policies": [{"name": "ai-agents", "spec": POLICY}],
+                    "approvals": {
+                        "backend": "file",
+                        "dir": str(workdir / "approvals"),
+                        "holdTimeout": "60s",
+                    },
                     "metrics": {"host": "127.0.0.1", "port": 0},
                 }
             )
+            stop = threading.Event()
+            reviewer = threading.Thread(
+                target=_reviewer, args=(workdir / "approvals", stop), daemon=True
+            )
             with ProxyThread(config, sink=FanoutSink(memory, LogEventSink())) as proxy:
+                reviewer.start()
                 port = proxy.port
                 print(
                     f"pgwarden demo: issuer {issuer.issuer}, proxy on localhost:{port} "
@@ -166,8 +195,8 @@ def main(keep_running: bool = False) -> int:
                 )
                 print("== An AI agent logs in with its OIDC token as the password ==\n")
                 for title, sql in AGENT_SCRIPT:
+                    print(f"-- {title}\n   agent> {sql}", flush=True)
                     res = _psql(port, token, certs.ca_cert, sql)
-                    print(f"-- {title}\n   agent> {sql}")
                     if res.stdout.strip():
                         print(_indent(res.stdout))
                     if res.stderr.strip():
@@ -191,6 +220,7 @@ def main(keep_running: bool = False) -> int:
                 ]:
                     res = _psql(port, tok, certs.ca_cert, "SELECT 1")
                     print(f"-- {title}\n{_indent(res.stderr or res.stdout)}\n")
+                stop.set()
                 if keep_running:
                     _keep_running(port, certs.ca_cert, issuer)
                 time.sleep(0.2)  # let the last session's end event land

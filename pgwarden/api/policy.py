@@ -7,7 +7,7 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
 from pgwarden.api.statements import StatementClass
 
@@ -80,10 +80,30 @@ class Detector(StrEnum):
     SECRET = "secret"
 
 
+def glob_parts(glob: str) -> tuple[str, str, str]:
+    """`schema.table.column` globs; shorter ones leave out leading parts (`*.ssn`: any table)."""
+    parts = glob.lower().split(".")
+    if not 1 <= len(parts) <= 3 or not all(parts):
+        raise ValueError(
+            f"{glob!r} is not a column glob: write schema.table.column, table.column or column "
+            "(each part may use * and ?)"
+        )
+    s, t, c = ["*"] * (3 - len(parts)) + parts
+    return s, t, c
+
+
 class MaskingRule(Model):
     columns: list[str] = Field(default_factory=list)
     detectors: list[Detector] = Field(default_factory=list)
     strategy: MaskStrategy = MaskStrategy.REDACT
+
+    @model_validator(mode="after")
+    def _something_to_mask(self) -> MaskingRule:
+        if not self.columns and not self.detectors:
+            raise ValueError("a masking rule needs columns or detectors")
+        for glob in self.columns:
+            glob_parts(glob)
+        return self
 
 
 class Approvals(Model):

@@ -39,6 +39,7 @@ class Endpoint(asyncio.Protocol):
         self.closed = False
         self._paused_by_peer = False
         self._peer_paused_for_us = False
+        self._held = False  # reading paused while the session waits (approval, catalog)
 
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,7 +76,7 @@ class Endpoint(asyncio.Protocol):
         peer = self.peer
         if self._peer_paused_for_us and peer is not None and peer.transport is not None:
             self._peer_paused_for_us = False
-            if not peer.closed:
+            if not peer.closed and not peer._held:
                 peer.transport.resume_reading()
 
     # ------------------------------------------------------------ handshake-mode reads
@@ -159,6 +160,19 @@ class Endpoint(asyncio.Protocol):
         return (
             self.transport is not None and self.transport.get_extra_info("ssl_object") is not None
         )
+
+    def hold(self) -> None:
+        """Stop reading until `release()`, whatever the peer's backpressure says."""
+        self._held = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def release(self) -> None:
+        self._held = False
+        peer = self.peer
+        backpressure = peer is not None and peer._peer_paused_for_us
+        if self.transport is not None and not self.closed and not backpressure:
+            self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:

@@ -36,6 +36,8 @@ class StatementEvent:
     command_tag: str | None = None
     error: dict[str, str] | None = None  # {"sqlstate": ..., "message": ...}
     suspended: bool = False
+    # held for a person: {"request": name, "state": ..., "decidedBy": ..., "comment": ...}
+    approval: dict[str, str | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies recursively, a hot spot at one event per statement
@@ -58,6 +60,7 @@ class StatementEvent:
             "command_tag": self.command_tag,
             "error": self.error,
             "suspended": self.suspended,
+            "approval": self.approval,
         }
 
 

@@ -10,7 +10,7 @@ the agent may do instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +19,7 @@ from pgwarden.api.policy import Access
 from pgwarden.api.statements import StatementClass
 from pgwarden_proxy.auth.oidc import Identity
 from pgwarden_proxy.decision import ALLOW, Decision
+from pgwarden_proxy.masking.rules import MaskRules
 from pgwarden_proxy.sql.classify import StatementInfo
 from pgwarden_proxy.wire.messages import ErrorInfo
 
@@ -47,6 +48,35 @@ _INSTEAD: dict[StatementClass, str] = {
 }
 
 
+# A refusal names the most specific class it can: DROP TABLE is "drop" before it is "ddl".
+_SPECIFIC_FIRST = {
+    c: i
+    for i, c in enumerate(
+        [
+            C.DROP,
+            C.TRUNCATE,
+            C.UNQUALIFIED_WRITE,
+            C.COPY_PROGRAM,
+            C.SERVER_FILES,
+            C.SESSION_AUTHORIZATION,
+            C.DCL,
+            C.ADMIN,
+            C.PROCEDURAL,
+            C.SETTINGS,
+            C.DDL,
+            C.WRITE,
+            C.TRANSACTION,
+            C.READ,
+            C.UNKNOWN,
+        ]
+    )
+}
+
+
+def _specific_first(classes: frozenset[StatementClass]) -> list[StatementClass]:
+    return sorted(classes, key=lambda c: _SPECIFIC_FIRST.get(c, len(_SPECIFIC_FIRST)))
+
+
 def _refusal(message: str, hint: str) -> ErrorInfo:
     return ErrorInfo("42501", f"pgwarden: {message}", hint=hint)
 
@@ -63,6 +93,8 @@ class EffectivePolicy:
     statement_timeout: timedelta | None
     timeout_policy: str | None = None  # the policy whose statementTimeout is the smallest
     max_rows_policy: str | None = None  # the policy whose maxRows is the smallest
+    approvals: dict[StatementClass, str] = field(default_factory=dict)  # class -> policy
+    masking: MaskRules = field(default_factory=MaskRules)
 
     @classmethod
     def combine(cls, policies: Sequence[NamedPolicy]) -> EffectivePolicy:
@@ -74,7 +106,10 @@ class EffectivePolicy:
         timeout_policy: str | None = None
         max_rows_policy: str | None = None
         read_write: str | None = None
+        approvals: dict[StatementClass, str] = {}
         for p in ordered:
+            for c in p.spec.approvals.require:
+                approvals.setdefault(c, p.name)
             g = p.spec.guardrails
             for c in g.deny:
                 deny.setdefault(c, p.name)
@@ -98,6 +133,8 @@ class EffectivePolicy:
             timeout,
             timeout_policy,
             max_rows_policy,
+            approvals,
+            MaskRules.combine(ordered),
         )
 
     def rows_cut_notice(self, dropped: int) -> ErrorInfo:
@@ -150,6 +187,8 @@ class EffectivePolicy:
             "statementTimeout": (
                 self.statement_timeout.total_seconds() if self.statement_timeout else None
             ),
+            "approvals": sorted(self.approvals),
+            "masking": self.masking.as_list(),
         }
 
     def decide(self, st: StatementInfo) -> Decision:
@@ -190,7 +229,7 @@ class EffectivePolicy:
                     "DateStyle, ...) can be changed",
                 ),
             )
-        for c in sorted(st.classes):
+        for c in _specific_first(st.classes):
             policy = self.deny.get(c)
             if policy is not None:
                 return Decision(
@@ -203,7 +242,7 @@ class EffectivePolicy:
                     ),
                 )
         if self.read_write is None:
-            beyond = sorted(st.classes - READ_ONLY_CLASSES - {C.UNKNOWN})
+            beyond = _specific_first(st.classes - READ_ONLY_CLASSES - {C.UNKNOWN})
             if beyond:
                 c = beyond[0]
                 names = ", ".join(f'"{n}"' for n in self.policies)
@@ -229,7 +268,25 @@ class EffectivePolicy:
                         "compute the result without that function",
                     ),
                 )
+        for c in _specific_first(st.classes):
+            policy = self.approvals.get(c)
+            if policy is not None:
+                return Decision(True, policy, hold=c)
         return ALLOW
+
+    def masking_refusal(self, st: StatementInfo, why: str) -> Decision:
+        rule = self.masking.columns[0] if self.masking.columns else None
+        policy = rule.policy if rule else (self.policies[0] if self.policies else None)
+        return Decision(
+            False,
+            policy,
+            _refusal(
+                f"{st.command or 'this statement'} is refused: {why} (masking of policy "
+                f'"{policy}")',
+                "select the columns you need directly, with built-in functions only, or leave "
+                "out the masked columns",
+            ),
+        )
 
 
 class PolicyStore:

@@ -5,17 +5,27 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import secrets
 import signal
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 from pgwarden.api.config import NamedPolicy, ProxyConfig
+from pgwarden.api.policy import MaskStrategy
 from pgwarden_proxy import upstream
+from pgwarden_proxy.approvals.backend import ApprovalBackend
+from pgwarden_proxy.approvals.files import FileApprovals
 from pgwarden_proxy.auth.oidc import Identity, OidcVerifier
 from pgwarden_proxy.endpoint import Endpoint
 from pgwarden_proxy.events import EventSink, LogEventSink
 from pgwarden_proxy.http import HealthServer
+from pgwarden_proxy.masking.catalog import Catalog
+from pgwarden_proxy.masking.detectors import DetectorSet
+from pgwarden_proxy.masking.planner import Planner
+from pgwarden_proxy.masking.rows import Rewriter
+from pgwarden_proxy.masking.rules import ColumnRule, MaskRules
+from pgwarden_proxy.masking.strategies import Masker
 from pgwarden_proxy.metrics import ProxyMetrics
 from pgwarden_proxy.policy import PolicyStore
 from pgwarden_proxy.reload import LIVE_FIELDS, ConfigWatcher, restart_fields
@@ -34,6 +44,13 @@ def server_tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(tls.cert_file, tls.key_file)
     return ctx
+
+
+def approval_backend(config: ProxyConfig) -> ApprovalBackend | None:
+    a = config.approvals
+    if a.backend == "file" and a.dir is not None:
+        return FileApprovals(a.dir)
+    return None  # the Kubernetes backend comes with the operator
 
 
 class _ClientEndpoint(Endpoint):
@@ -58,6 +75,11 @@ class ProxyServer:
         self.config = config
         self.sink: EventSink = sink or LogEventSink(statements=config.logging.statements)
         self.policy = PolicyStore(self.policies_for)
+        self.catalog = Catalog(config.upstream)
+        self.planner = Planner(self.catalog)
+        self._hash_key = self._read_hash_key()
+        self._rewriters: dict[MaskRules, Rewriter] = {}
+        self.approvals = approval_backend(config)
         self.verifier = verifier or OidcVerifier(config.auth.oidc)
         self.analyzer = Analyzer()
         self.metrics = ProxyMetrics(config.connection)
@@ -85,6 +107,52 @@ class ProxyServer:
             if p.spec.selects(name) and p.spec.grants(identity.username, identity.groups)
         ]
 
+    # ------------------------------------------------------------------ masking
+    def _read_hash_key(self) -> bytes:
+        try:
+            key = self.config.masking.read_hash_key()
+        except OSError as e:
+            raise OSError(f"masking.hashKeyFile cannot be read: {e}") from e
+        if key:
+            return key
+        if any(
+            r.strategy is MaskStrategy.HASH for p in self.config.policies for r in p.spec.masking
+        ):
+            log.warning(
+                "masking.hashKeyFile is not set: hashed values are stable only while this "
+                "process runs; set a key so that every replica hashes alike"
+            )
+        return secrets.token_bytes(32)
+
+    def rewriter_for(self, rules: MaskRules) -> Rewriter | None:
+        """What rewrites values under these rules (None: nothing to mask)."""
+        if not rules:
+            return None
+        rewriter = self._rewriters.get(rules)
+        if rewriter is None:
+            detectors = line_detectors = None
+            if rules.detectors:
+                detectors = DetectorSet(
+                    (d, Masker(s, self._hash_key)) for d, s, _ in rules.detectors
+                )
+                redact_null = MaskStrategy.REDACT, MaskStrategy.NULL
+                line_detectors = DetectorSet(
+                    (d, Masker(redact_null[0] if s is redact_null[1] else s, self._hash_key))
+                    for d, s, _ in rules.detectors
+                )
+            maskers: dict[str, Masker] = {}
+
+            def masker(rule: ColumnRule) -> Masker:
+                found = maskers.get(rule.strategy)
+                if found is None:
+                    found = maskers[rule.strategy] = Masker(rule.strategy, self._hash_key)
+                return found
+
+            if len(self._rewriters) > 1000:
+                self._rewriters.clear()
+            rewriter = self._rewriters[rules] = Rewriter(masker, detectors, line_detectors)
+        return rewriter
+
     def apply_config(self, new: ProxyConfig) -> None:
         """Take over a reloaded config: running sessions use it from their next statement."""
         stale = restart_fields(self.config, new)
@@ -94,6 +162,9 @@ class ProxyServer:
                 extra={"fields": stale},
             )
         self.config = self.config.model_copy(update={f: getattr(new, f) for f in LIVE_FIELDS})
+        self.catalog.upstream = self.config.upstream
+        self.catalog.invalidate()
+        self.approvals = approval_backend(self.config)
         self.policy.reloaded()
 
     # ------------------------------------------------------------------ sessions
@@ -214,6 +285,7 @@ class ProxyServer:
             self.watcher.stop()
         if self._health is not None:
             await self._health.stop()
+        self.catalog.close()
         if self._stopped is not None:
             self._stopped.set()
         log.info("stopped")

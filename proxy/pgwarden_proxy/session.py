@@ -13,13 +13,25 @@ import logging
 import secrets
 import time
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Coroutine, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pgwarden.api.approvals import (
+    ApprovalRequestSpec,
+    ApprovalRequestStatus,
+    ApprovalState,
+    Requester,
+)
 from pgwarden.api.statements import StatementClass
+from pgwarden_proxy.approvals.backend import ApprovalError
 from pgwarden_proxy.auth.oidc import Identity, TokenRejected
 from pgwarden_proxy.decision import Decision
 from pgwarden_proxy.endpoint import ConnectionClosed, Endpoint
 from pgwarden_proxy.events import SessionEvent, StatementEvent
+from pgwarden_proxy.masking.catalog import CatalogError
+from pgwarden_proxy.masking.planner import StatementPlan, fetch_cursor
+from pgwarden_proxy.masking.rows import CopyMask, ResultMask, Rewriter
 from pgwarden_proxy.policy import EffectivePolicy
 from pgwarden_proxy.sql.classify import StatementInfo
 from pgwarden_proxy.startup import (
@@ -46,9 +58,12 @@ _TOKEN_MESSAGE_LIMIT = 64 * 1024
 # request is made to fail on the server too.
 _POISON = m.describe_statement("pgwarden.refused")
 _POISON_SYNC = _POISON + m.sync()
+_FLUSH = m.frame(b"H")
 _DATAROW, _COPYDATA = ord("D"), ord("d")
 # where one statement's rows end: CommandComplete, PortalSuspended, Error, EmptyQuery, Ready
-_STATEMENT_END = frozenset(b"CsEIZ")
+_STATEMENT_END = frozenset(b"CsEIZc")
+# what masking looks at: rows, COPY rows, RowDescription, CopyOutResponse
+_MASKED_TYPES = frozenset(b"DdTH")
 _UNKNOWN_STATEMENT = StatementInfo(
     text="",
     fingerprint=None,
@@ -75,6 +90,23 @@ class _Quiet(Exception):
     """End the connection without a message (cancel requests, vanished clients)."""
 
 
+class _CatalogDown(Exception):
+    """Masking applies and the catalog cannot be read: the statement is refused."""
+
+
+class _Prepared(NamedTuple):
+    infos: tuple[StatementInfo, ...]
+    types: tuple[int, ...]  # parameter type OIDs from Parse
+    plans: Sequence[StatementPlan | None]
+
+
+class _Portal(NamedTuple):
+    info: StatementInfo
+    bind: m.BindMessage
+    types: tuple[int, ...]
+    plan: StatementPlan | None
+
+
 def _fatal(sqlstate: str, message: str, hint: str | None = None) -> m.ErrorInfo:
     return m.ErrorInfo(sqlstate, message, "FATAL", hint=hint)
 
@@ -98,10 +130,20 @@ class Session:
         self._terminating: m.ErrorInfo | None = None
         self._terminate_when_idle = False
         self._expiry_timer: asyncio.TimerHandle | None = None
-        # statement name -> (its statements, parameter type OIDs from Parse)
-        self._prepared: dict[str, tuple[tuple[StatementInfo, ...], tuple[int, ...]]] = {}
-        self._portals: dict[str, tuple[StatementInfo, m.BindMessage, tuple[int, ...]]] = {}
+        self._prepared: dict[str, _Prepared] = {}
+        self._portals: dict[str, _Portal] = {}
         self._sql_prepared: dict[str, StatementInfo] = {}
+        self._sql_prepared_plans: dict[str, StatementPlan] = {}
+        self._cursor_plans: dict[str, StatementPlan] = {}
+        # client input while a message waits (approval, catalog): the scanner's items in
+        # progress, and data that arrived meanwhile
+        self._client_items: Iterator[bytes | Message] | None = None
+        self._client_backlog: list[bytes] = []
+        self._waiting: asyncio.Task[None] | None = None
+        # the result being masked: its rows arrive whole and are rewritten
+        self._result_mask: ResultMask | None = None
+        self._copy_mask: CopyMask | None = None
+        self._rewriter: Rewriter | None = None  # set when the effective policy masks
         limits = self.cfg.limits
         self._client_scanner = Scanner(
             streamed=(_COPYDATA,), max_message=limits.max_message_bytes, frontend=True
@@ -346,17 +388,39 @@ class Session:
         self.client.start_relay(self._on_client_data, self._on_client_closed)
 
     def _on_client_data(self, data: bytes) -> None:
+        self.server.metrics.bytes_to_server.inc(len(data))
+        if self._client_items is not None:  # waiting (approval, catalog): keep it for later
+            self._client_backlog.append(data)
+            return
+        self._client_items = self._client_scanner.feed(data)
+        self._pump_client()
+
+    def _pump_client(self) -> None:
+        """Handle client messages until the input runs out or one has to wait."""
         up = self.upstream
         assert up is not None
         out: list[bytes] = []
         try:
-            for item in self._client_scanner.feed(data):
-                if type(item) is bytes:
-                    out.append(item)
-                else:
+            while self._client_items is not None:
+                for item in self._client_items:
+                    if type(item) is bytes:
+                        out.append(item)
+                        continue
                     assert isinstance(item, Message)
-                    self._client_message(item, out)
+                    later = self._client_message(item, out)
+                    if later is not None:
+                        if out:
+                            up.endpoint.writelines(out)
+                        self._wait_then_pump(later)
+                        return
+                if self._client_backlog:
+                    data = b"".join(self._client_backlog)
+                    self._client_backlog.clear()
+                    self._client_items = self._client_scanner.feed(data)
+                else:
+                    self._client_items = None
         except ProtocolViolation as e:
+            self._client_items = None
             self.server.metrics.protocol_violations.inc()
             if out:
                 up.endpoint.writelines(out)
@@ -364,50 +428,62 @@ class Session:
             return
         if out:
             up.endpoint.writelines(out)
-            self.server.metrics.bytes_to_server.inc(len(data))
         if self._terminating is not None:
             self._maybe_terminate()
 
-    def _client_message(self, msg: Message, out: list[bytes]) -> None:
+    def _wait_then_pump(self, later: Coroutine[Any, Any, None]) -> None:
+        """The message being handled waits: stop reading the client until it is done."""
+        self.client.hold()
+
+        async def wait() -> None:
+            try:
+                await later
+            except Exception as e:
+                log.exception("statement handling failed", extra={"session_id": self.id})
+                self._close(
+                    _fatal("XX000", "pgwarden: internal error while handling the statement"),
+                    reason=f"internal error: {e!r}",
+                )
+                return
+            if self.client.closed:
+                return
+            self.client.release()
+            self._pump_client()
+
+        self._waiting = asyncio.get_running_loop().create_task(wait())
+
+    def _client_message(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
+        """Handle one message; returns a coroutine when it must wait (it then finishes it)."""
         t = msg.type
         if t == 66:  # B Bind
             bind = m.BindMessage.parse(msg.body)
             prepared = self._prepared.get(bind.statement)
-            info = prepared[0][0] if prepared else _UNKNOWN_STATEMENT
-            self._portals[bind.portal] = (info, bind, prepared[1] if prepared else ())
+            if prepared is None:
+                entry = _Portal(_UNKNOWN_STATEMENT, bind, (), None)
+            else:
+                entry = _Portal(prepared.infos[0], bind, prepared.types, prepared.plans[0])
+            self._portals[bind.portal] = entry
             self.tracker.request(Kind.BIND)
         elif t == 69:  # E Execute
-            portal = m.Reader(msg.body).cstring()
-            portal_entry = self._portals.get(portal)
-            if portal_entry is None:
-                info, params = _UNKNOWN_STATEMENT, None
-            else:
-                info, bind, types = portal_entry
-                params = bind.rendered_params(types)
-            op, decision = self._decide(info, params, "extended")
-            if decision.allowed:
-                self.tracker.request(Kind.EXECUTE, [op])
-            else:
-                self.tracker.request(Kind.EXECUTE, [op], refusal=decision.error)
-                out.append(_POISON)
-                return
+            return self._execute(msg, out)
         elif t == 83:  # S Sync
             self.tracker.request(Kind.SYNC)
         elif t == 80:  # P Parse
-            r = m.Reader(msg.body)
-            name = r.cstring()
-            text = self._decode(r.body[r.pos : r.body.find(b"\x00", r.pos)])
-            infos = self.server.analyzer.analyze(text) or (
-                dataclasses.replace(_UNKNOWN_STATEMENT, text=text, command="EMPTY"),
-            )
-            self._prepared[name] = (infos, m.parse_param_types(msg.body))
-            self.tracker.request(Kind.PARSE)
+            return self._parse(msg, out)
         elif t == 81:  # Q Query
-            if not self._query(msg, out):
-                return
+            return self._query(msg, out)
         elif t == 68:  # D Describe
-            kind = Kind.DESCRIBE_STATEMENT if msg.body[:1] == b"S" else Kind.DESCRIBE_PORTAL
-            self.tracker.request(kind)
+            what, name = msg.body[:1], m.Reader(msg.body[1:]).cstring()
+            plan: StatementPlan | None = None
+            if what == b"S":
+                kind = Kind.DESCRIBE_STATEMENT
+                prepared = self._prepared.get(name)
+                plan = prepared.plans[0] if prepared else None
+            else:
+                kind = Kind.DESCRIBE_PORTAL
+                portal = self._portals.get(name)
+                plan = portal.plan if portal else None
+            self.tracker.request(kind, plan=plan)
         elif t == 67:  # C Close
             r = m.Reader(msg.body)
             what, name = r.raw(1), r.cstring()
@@ -419,22 +495,71 @@ class Session:
             self.end_reason = "client terminated"
         elif t == 70:  # F FunctionCall
             self._refuse_function_call(msg, out)
-            return
+            return None
         else:
             raise ProtocolViolation(f"invalid frontend message type {chr(t)!r}")
         out.append(msg.raw)
+        return None
 
-    def _query(self, msg: Message, out: list[bytes]) -> bool:
+    def _parse(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
+        r = m.Reader(msg.body)
+        name = r.cstring()
+        text = self._decode(r.body[r.pos : r.body.find(b"\x00", r.pos)])
+        infos = self.server.analyzer.analyze(text) or (
+            dataclasses.replace(_UNKNOWN_STATEMENT, text=text, command="EMPTY"),
+        )
+        plans = self._plans(infos)
+        if plans is None:
+            return self._after(self._prepare_plans(infos), msg)
+        self._prepared[name] = _Prepared(infos, m.parse_param_types(msg.body), plans)
+        self.tracker.request(Kind.PARSE)
+        out.append(msg.raw)
+        return None
+
+    def _execute(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
+        name = m.Reader(msg.body).cstring()
+        portal = self._portals.get(name)
+        if portal is None:
+            info, params, plan = _UNKNOWN_STATEMENT, None, None
+        else:
+            info, params, plan = portal.info, portal.bind.rendered_params(portal.types), portal.plan
+        op, decision = self._decide(info, params, "extended", plan)
+        if not decision.allowed:
+            self.tracker.request(Kind.EXECUTE, [op], refusal=decision.error)
+            out.append(_POISON)
+            return None
+        forward: list[bytes] = []
+        if self.policy.masking:
+            # the rows' columns decide what is masked: ask for them, and keep the answer
+            forward.append(m.frame(b"D", b"P" + m.cstr(name)))
+        forward.append(msg.raw)
+        if decision.hold is not None:
+            return self._hold(Kind.EXECUTE, [op], decision, forward, info, params)
+        self._send_execute(op, forward, out)
+        return None
+
+    def _send_execute(self, op: Op, forward: list[bytes], out: list[bytes]) -> None:
+        if len(forward) > 1:
+            self.tracker.request(Kind.DESCRIBE_PORTAL, plan=op.plan, internal=True)
+        self.tracker.request(Kind.EXECUTE, [op])
+        out.extend(forward)
+
+    def _query(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
         text = self._decode(msg.body[:-1])
-        infos = self.server.analyzer.analyze(text)
+        infos = [self._resolve_sql_prepare(i) for i in self.server.analyzer.analyze(text)]
+        plans = self._plans(infos)
+        if plans is None:
+            return self._after(self._prepare_plans(infos), msg)
         ops: list[Op] = []
         refusal: Decision | None = None
-        for info in infos:
-            info = self._resolve_sql_prepare(info)
-            op, decision = self._decide(info, None, "simple")
+        hold: Decision | None = None
+        for info, plan in zip(infos, plans, strict=True):
+            op, decision = self._decide(info, None, "simple", self._session_plan(info, plan))
             ops.append(op)
             if not decision.allowed and refusal is None:
                 refusal = decision
+            elif decision.hold is not None and hold is None:
+                hold = decision
         if refusal is not None:
             # A query is refused whole, before any part of it runs.
             for op in ops:
@@ -442,9 +567,13 @@ class Session:
                 op.event.policy = refusal.policy
             self.tracker.request(Kind.QUERY, ops, refusal=refusal.error)
             out.append(_POISON_SYNC)
-            return False
+            return None
+        if hold is not None:
+            info = next(i for i, op in zip(infos, ops, strict=True) if op.event.decision == "hold")
+            return self._hold(Kind.QUERY, ops, hold, [msg.raw], info, None)
         self.tracker.request(Kind.QUERY, ops)
-        return True
+        out.append(msg.raw)
+        return None
 
     def _resolve_sql_prepare(self, info: StatementInfo) -> StatementInfo:
         """SQL-level PREPARE/EXECUTE: an EXECUTE takes the classes recorded at PREPARE."""
@@ -457,6 +586,180 @@ class Session:
                 return dataclasses.replace(info, classes=known | prepared.classes)
         return info
 
+    # ------------------------------------------------------------------ masking plans
+    def _plans(self, infos: Sequence[StatementInfo]) -> list[StatementPlan | None] | None:
+        """Each statement's masking plan (None: no masking); None when the catalog is needed."""
+        rules = self.policy.masking
+        if not rules:
+            return [None] * len(infos)
+        planner = self.server.planner
+        plans = [planner.cached(i, rules) for i in infos]
+        return None if any(p is None for p in plans) else plans
+
+    async def _prepare_plans(self, infos: Sequence[StatementInfo]) -> None:
+        try:
+            await self.server.planner.prepare(infos, self.policy.masking)
+        except CatalogError as e:
+            # fail closed: without the catalog, masking cannot be decided
+            raise _CatalogDown(str(e)) from e
+
+    async def _after(self, first: Awaitable[None], msg: Message) -> None:
+        """Wait for `first`, then handle `msg` again (now without waiting for it)."""
+        up = self.upstream
+        assert up is not None
+        try:
+            await first
+        except _CatalogDown as e:
+            self._refuse_now(msg, e.args[0])
+            return
+        out: list[bytes] = []
+        later = self._client_message(msg, out)
+        if out:
+            up.endpoint.writelines(out)
+        if later is not None:
+            await later
+
+    def _refuse_now(self, msg: Message, reason: str) -> None:
+        """Refuse a Parse or Query for lack of the catalog (the database may be down)."""
+        assert self.upstream is not None
+        err = m.ErrorInfo(
+            "58000",
+            f"pgwarden: masking applies to this session and the database catalog cannot be "
+            f"read, so the statement is not run ({reason})",
+            hint="retry in a moment",
+        )
+        info = dataclasses.replace(_UNKNOWN_STATEMENT, text=self._decode(msg.body[:-1]))
+        op, _ = self._decide(info, None, "simple" if msg.type == 81 else "extended", None)
+        op.event.decision = "refuse"
+        if msg.type == 81:
+            self.tracker.request(Kind.QUERY, [op], refusal=err)
+            self.upstream.endpoint.write(_POISON_SYNC)
+        else:  # Parse: fail it the way a bad Parse fails, then the server skips to Sync
+            self.tracker.request(Kind.PARSE, [op], refusal=err)
+            self.upstream.endpoint.write(_POISON)
+
+    def _session_plan(
+        self, info: StatementInfo, plan: StatementPlan | None
+    ) -> StatementPlan | None:
+        """Cursors and SQL-level prepared statements: FETCH and EXECUTE take the stored plan."""
+        if plan is not None and plan.cursor is not None:
+            self._cursor_plans[plan.cursor] = plan
+        elif plan is not None and plan.prepared is not None:
+            self._sql_prepared_plans[plan.prepared] = plan
+        elif info.command in ("FETCH", "MOVE") and self.policy.masking:
+            return self._cursor_plans.get(fetch_cursor(info) or "")
+        elif info.executes and self.policy.masking:
+            return self._sql_prepared_plans.get(info.executes)
+        return plan
+
+    # ------------------------------------------------------------------ approvals
+    async def _hold(
+        self,
+        kind: Kind,
+        ops: list[Op],
+        decision: Decision,
+        forward: list[bytes],
+        info: StatementInfo,
+        params: list[str | None] | None,
+    ) -> None:
+        """Wait for a person's decision; then run the statement once, or refuse it."""
+        up = self.upstream
+        identity = self.identity
+        assert up is not None
+        assert identity is not None
+        backend = self.server.approvals
+        c = decision.hold
+        assert c is not None
+        refusal: m.ErrorInfo | None = None
+        approval: dict[str, str | None] = {}
+        if backend is None:
+            refusal = m.ErrorInfo(
+                "42501",
+                f'pgwarden: {info.command} needs approval (class "{c}", policy '
+                f'"{decision.policy}"), and this proxy has no approval backend',
+                hint="ask a platform engineer to configure approvals for this connection",
+            )
+        else:
+            timeout = self.cfg.approvals.hold_timeout.total_seconds()
+            spec = ApprovalRequestSpec(
+                connection=self.cfg.connection,
+                requester=Requester(username=identity.username, groups=sorted(identity.groups)),
+                session_id=self.id,
+                statement=info.text,
+                fingerprint=info.fingerprint or "",
+                classes=sorted(info.classes - {StatementClass.UNKNOWN}) or [c],
+                policy=decision.policy or "",
+                expires_at=datetime.now(UTC) + timedelta(seconds=timeout),
+                parameters=params,
+            )
+            name = await backend.submit(spec)
+            approval = {"request": name, "state": ApprovalState.PENDING.value}
+            await self._until_idle()
+            self.client.write(
+                m.notice_response(
+                    m.ErrorInfo(
+                        "01000",
+                        f'pgwarden: {info.command} needs approval (class "{c}", policy '
+                        f'"{decision.policy}"); approval request {name} is waiting for a person, '
+                        f"for up to {timeout:g}s",
+                        "NOTICE",
+                        hint=backend.how_to_decide(name),
+                    )
+                )
+            )
+            try:
+                status = await backend.wait(name, timeout)
+            except ApprovalError as e:
+                status = ApprovalRequestStatus(state=ApprovalState.EXPIRED, comment=str(e))
+            approval.update(
+                state=status.state.value, decidedBy=status.decided_by, comment=status.comment
+            )
+            if status.state is not ApprovalState.APPROVED:
+                by = f" by {status.decided_by}" if status.decided_by else ""
+                why = f": {status.comment}" if status.comment else ""
+                refusal = m.ErrorInfo(
+                    "42501",
+                    f"pgwarden: {info.command} was not run: approval request {name} was "
+                    f"{status.state.value.lower()}{by}{why}",
+                    hint="change the statement or ask the approver; an approval covers one "
+                    "execution of one statement",
+                )
+        for op in ops:
+            op.event.approval = approval or None
+        if self.client.closed:
+            return
+        if refusal is not None:
+            for op in ops:
+                op.event.decision = "refuse"
+            self.tracker.request(kind, ops, refusal=refusal)
+            up.endpoint.write(_POISON_SYNC if kind is Kind.QUERY else _POISON)
+            return
+        for op in ops:
+            op.event.decision = "approved"
+        out: list[bytes] = []
+        if kind is Kind.QUERY:
+            self.tracker.request(Kind.QUERY, ops)
+            out.extend(forward)
+        else:
+            self._send_execute(ops[0], forward, out)
+        up.endpoint.writelines(out)
+        if backend is not None:
+            try:
+                await backend.finish(approval["request"] or "", ApprovalState.EXECUTED)
+            except ApprovalError as e:
+                log.warning("approval could not be marked executed", extra={"error": str(e)})
+
+    async def _until_idle(self) -> None:
+        """Until the server has answered everything before the held statement (a notice may
+        then be sent without cutting into another message)."""
+        assert self.upstream is not None
+        # the server holds extended-protocol answers until Sync or Flush: ask for them now
+        self.upstream.endpoint.write(_FLUSH)
+        while not (self.tracker.idle and self._server_scanner.at_boundary):
+            if self.client.closed:
+                return
+            await asyncio.sleep(0.01)
+
     def _refuse_function_call(self, msg: Message, out: list[bytes]) -> None:
         oid = int.from_bytes(msg.body[:4], "big") if len(msg.body) >= 4 else 0
         info = dataclasses.replace(
@@ -465,7 +768,7 @@ class Session:
             command="FUNCTION CALL",
             error=None,
         )
-        op, _ = self._decide(info, None, "fastpath")
+        op, _ = self._decide(info, None, "fastpath", None)
         err = m.ErrorInfo(
             "42501",
             "pgwarden: fast-path function calls (FunctionCall messages) are not allowed",
@@ -476,13 +779,19 @@ class Session:
         out.append(_POISON_SYNC)
 
     def _decide(
-        self, info: StatementInfo, params: list[str | None] | None, protocol: str
+        self,
+        info: StatementInfo,
+        params: list[str | None] | None,
+        protocol: str,
+        plan: StatementPlan | None,
     ) -> tuple[Op, Decision]:
         identity = self.identity
         assert identity is not None
         if self._policy_generation != self.server.policy.generation:
             self._refresh_policy()
         decision = self.policy.decide(info)
+        if decision.allowed and plan is not None and plan.refusal is not None:
+            decision = self.policy.masking_refusal(info, plan.refusal)
         self.statements += 1
         ev = StatementEvent(
             session_id=self.id,
@@ -498,7 +807,7 @@ class Session:
             policy=decision.policy,
             start=time.time(),
         )
-        return Op(ev), decision
+        return Op(ev, plan=plan), decision
 
     def _refresh_policy(self) -> None:
         """Take the identity's effective policy (at login, and after each reload)."""
@@ -509,11 +818,14 @@ class Session:
         self._max_rows = self.policy.max_rows
         if self.tracker.idle:  # otherwise the running statement ends first (_end_of_rows)
             self._server_scanner.row_budget = self._max_rows
+        self._rewriter = self.server.rewriter_for(self.policy.masking)
 
     def _decode(self, raw: bytes) -> str:
         return raw.decode(self.encoding, errors="replace")
 
     def _statement_done(self, ev: StatementEvent) -> None:
+        if ev.error is None and ("ddl" in ev.classes or "drop" in ev.classes):
+            self.server.catalog.invalidate()  # masking must see the new columns and views
         self.server.metrics.statement(ev.classes, ev.decision, ev.duration_ms / 1000.0)
         self.server.sink.statement(ev)
 
@@ -528,10 +840,14 @@ class Session:
                     out.append(item)
                     continue
                 assert isinstance(item, Message)
-                if item.type in _STATEMENT_END and (
-                    scanner.row_budget is not None or self._max_rows is not None
-                ):
-                    item = self._end_of_rows(item, out)
+                t = item.type
+                if t in _MASKED_TYPES and self._rewriter is not None:
+                    item = self._mask(item)
+                elif t in _STATEMENT_END:
+                    if scanner.row_budget is not None or self._max_rows is not None:
+                        item = self._end_of_rows(item, out)
+                    if self._result_mask is not None or self._copy_mask is not None:
+                        self._end_of_masking()
                 reply = server(item)
                 if reply is not None:
                     out.append(reply)
@@ -554,6 +870,63 @@ class Session:
             self.terminate(hazard_error(hazard), reason=f"unsafe setting: {hazard}")
         elif self._terminating is not None:
             self._maybe_terminate()
+
+    # ------------------------------------------------------------------ result masking
+    def _mask(self, msg: Message) -> Message:
+        t = msg.type
+        if t == _DATAROW:
+            mask = self._result_mask
+            if mask is None:
+                return msg
+            return Message(t, b"", mask.row(msg.body), msg.rows, msg.row_bytes)
+        if t == _COPYDATA:
+            copy = self._copy_mask
+            if copy is None:
+                return msg
+            return Message(t, b"", copy.row(msg.body), msg.rows, msg.row_bytes)
+        plan = self._plan_of_head()
+        rewriter = self._rewriter
+        assert rewriter is not None
+        scanner = self._server_scanner
+        if t == 84:  # T RowDescription: decides this result's rows
+            mask, body = ResultMask.build(
+                msg.body, plan, self.policy.masking, self.server.catalog, rewriter, self.encoding
+            )
+            self._result_mask = mask
+            if mask is None:
+                scanner.streamed.add(_DATAROW)
+                return msg
+            scanner.streamed.discard(_DATAROW)
+            if body is msg.body:
+                return msg
+            return Message(t, body, m.frame(b"T", body), msg.rows, msg.row_bytes)
+        # H CopyOutResponse: COPY ... TO STDOUT in text or csv (binary was refused by the plan)
+        if (
+            plan is not None
+            and plan.copy_format in ("text", "csv")
+            and (plan.masks_outputs or rewriter.detectors is not None)
+        ):
+            self._copy_mask = CopyMask(
+                plan.outputs or (), rewriter, self.encoding, plan.copy_format == "csv"
+            )
+            scanner.streamed.discard(_COPYDATA)
+        return msg
+
+    def _plan_of_head(self) -> StatementPlan | None:
+        """The plan of the statement the server is answering."""
+        pending = self.tracker.pending
+        if not pending:
+            return None
+        head = pending[0]
+        if head.kind is Kind.DESCRIBE_STATEMENT or head.kind is Kind.DESCRIBE_PORTAL:
+            return head.plan
+        op = head.op
+        return op.plan if op is not None else None
+
+    def _end_of_masking(self) -> None:
+        self._result_mask = None
+        self._copy_mask = None
+        self._server_scanner.streamed.update((_DATAROW, _COPYDATA))
 
     def _end_of_rows(self, msg: Message, out: list[bytes]) -> Message:
         """A statement's rows ended: say so if maxRows cut them, and reset the budget."""
@@ -655,6 +1028,8 @@ class Session:
     def _ended(self) -> None:
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.cancel()  # a held statement of a vanished client never runs
         self.server.unregister(self)
         identity = self.identity
         if identity is None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from pgwarden_proxy.events import StatementEvent
+from pgwarden_proxy.masking.planner import StatementPlan
 from pgwarden_proxy.wire.framing import Message
 from pgwarden_proxy.wire.messages import ErrorInfo, parse_fields
 
@@ -49,6 +50,7 @@ class Op:
 
     event: StatementEvent
     t0: float = 0.0  # perf_counter at start
+    plan: StatementPlan | None = None  # how its results are masked (None: no masking)
 
 
 @dataclass(slots=True)
@@ -58,6 +60,8 @@ class Pending:
     index: int = 0
     refusal: ErrorInfo | None = None  # our error replaces the server's answer to this request
     got_parameter_description: bool = False
+    plan: StatementPlan | None = None  # Describe: the masking plan of what is described
+    internal: bool = False  # our own Describe (masking needs the columns): its answer is ours
 
     @property
     def op(self) -> Op | None:
@@ -85,9 +89,15 @@ class Tracker:
 
     # ------------------------------------------------------------------ client side
     def request(
-        self, kind: Kind, ops: list[Op] | None = None, refusal: ErrorInfo | None = None
+        self,
+        kind: Kind,
+        ops: list[Op] | None = None,
+        refusal: ErrorInfo | None = None,
+        *,
+        plan: StatementPlan | None = None,
+        internal: bool = False,
     ) -> None:
-        p = Pending(kind, ops or [], refusal=refusal)
+        p = Pending(kind, ops or [], refusal=refusal, plan=plan, internal=internal)
         if p.ops:
             # a pipelined statement's clock starts when it is sent, queueing included
             p.ops[0].t0 = time.perf_counter()
@@ -130,6 +140,8 @@ class Tracker:
             head.got_parameter_description = True
         elif (t == 84 or t == 110) and head.kind in _DESCRIBE:  # T RowDescription, n NoData
             self.pending.popleft()
+            if head.internal:
+                return None
         # anything else (copy responses, notices, ...) needs no bookkeeping
         return msg.raw
 

@@ -46,6 +46,8 @@ def test_grants_add_up_and_restrictions_add_up() -> None:
         "denyFunctions": ["pg_sleep"],
         "maxRows": 100,
         "statementTimeout": 30.0,
+        "approvals": [],
+        "masking": [],
     }
     assert eff.decide(one("UPDATE t SET a = 1 WHERE id = 2")).allowed
     d = eff.decide(one("TRUNCATE t"))

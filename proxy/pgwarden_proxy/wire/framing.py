@@ -96,7 +96,10 @@ class Scanner:
         if self._skip:
             if self._skip >= n:
                 self._skip -= n
-                if not self._dropping:
+                dropping = self._dropping
+                if not self._skip:
+                    self._dropping = False  # that message ends exactly here
+                if not dropping:
                     yield data
                 return
             pos = self._skip
@@ -144,6 +147,16 @@ class Scanner:
             run_start = pos
             if end > n:
                 break
+            if typ == counted:  # a row held whole (masking rewrites it): same budget and count
+                budget = self.row_budget
+                if budget is not None:
+                    if budget <= 0:
+                        self.dropped += 1
+                        pos = run_start = end
+                        continue
+                    self.row_budget = budget - 1
+                self._rows += 1
+                self._row_bytes += length + 1
             msg = Message(typ, data[pos + 5 : end], data[pos:end], self._rows, self._row_bytes)
             self._rows = 0
             self._row_bytes = 0

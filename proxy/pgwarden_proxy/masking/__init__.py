@@ -1,0 +1,1 @@
+"""Masking of personal data in results: rules, catalog, lineage, detectors and strategies."""

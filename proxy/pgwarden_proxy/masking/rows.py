@@ -1,0 +1,266 @@
+"""Rewriting result rows: DataRow and COPY text rows, only in the columns a rule touches.
+
+A result's RowDescription decides, once per result, what happens to its rows: a column is
+masked when its origin (table OID, attribute number) has a column rule, or when the statement's
+lineage derives it from one; detectors scan the columns of string types. A result with neither
+gets no `ResultMask` and its rows pass as bytes, undecoded.
+
+A masked column is announced as `text` in the RowDescription the client receives: the masked
+value ("[redacted]", "a***@example.org", a hash) is no value of the original type. Text is
+the same bytes in the text and binary formats, so the client's format codes stay valid.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pgwarden_proxy.masking.catalog import Catalog
+from pgwarden_proxy.masking.detectors import NULL, DetectorSet
+from pgwarden_proxy.masking.planner import StatementPlan, column_rule
+from pgwarden_proxy.masking.rules import ColumnRule, MaskRules, strongest
+from pgwarden_proxy.masking.strategies import Masker
+
+TEXT_OID = 25
+JSONB_OID = 3802
+# text, varchar, bpchar, name, json, xml, unknown, "char", jsonb: values a detector can read
+STRING_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705, 18, JSONB_OID})
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_FIELD_TAIL = struct.Struct("!IhIhih")  # table OID, attnum, type OID, typlen, typmod, format
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    index: int
+    masker: Masker | None  # the column's rule (whole value)
+    detect: bool  # run the detectors on it
+    jsonb_binary: bool  # jsonb in binary format: one version byte, then the text
+
+
+class Rewriter:
+    """Turns values into masked values (shared by DataRow and COPY rows).
+
+    `line_detectors` serve COPY rows, where a finding cannot make its whole value NULL: there
+    the `null` strategy redacts instead.
+    """
+
+    def __init__(
+        self,
+        maskers: Callable[[ColumnRule], Masker],
+        detectors: DetectorSet | None,
+        line_detectors: DetectorSet | None,
+    ) -> None:
+        self.maskers = maskers
+        self.detectors = detectors
+        self.line_detectors = line_detectors
+
+    def value(self, col: _Column, raw: bytes, encoding: str) -> bytes | None:
+        text = raw[1:] if col.jsonb_binary else raw
+        s = text.decode(encoding, errors="replace")
+        if col.masker is not None:
+            out = col.masker.mask(s)
+            return None if out is None else out.encode(encoding, errors="replace")
+        assert self.detectors is not None
+        found = self.detectors.scan(s)
+        if found is None:
+            return raw
+        if found is NULL:
+            return None
+        new = found.encode(encoding, errors="replace")
+        return raw[:1] + new if col.jsonb_binary else new
+
+
+class ResultMask:
+    """The columns of one result that change, and how; `row()` rewrites one DataRow."""
+
+    __slots__ = ("_columns", "_encoding", "_rewriter")
+
+    def __init__(self, columns: list[_Column], rewriter: Rewriter, encoding: str) -> None:
+        self._columns = columns
+        self._rewriter = rewriter
+        self._encoding = encoding
+
+    @classmethod
+    def build(
+        cls,
+        row_description: bytes,
+        plan: StatementPlan | None,
+        rules: MaskRules,
+        catalog: Catalog,
+        rewriter: Rewriter,
+        encoding: str,
+    ) -> tuple[ResultMask | None, bytes]:
+        """The mask of a result (None: rows pass untouched) and the RowDescription to send."""
+        body = row_description
+        (count,) = _I16.unpack_from(body, 0)
+        pos = 2
+        columns: list[_Column] = []
+        out = bytearray(body[:2])
+        outputs = plan.outputs if plan is not None else None
+        for i in range(count):
+            end = body.index(b"\x00", pos) + 1
+            table, attnum, type_oid, _, _, fmt = _FIELD_TAIL.unpack_from(body, end)
+            rule: ColumnRule | None = None
+            if rules.columns:
+                origin = None
+                if table:
+                    rel = catalog.by_oid(table)
+                    if rel is not None:
+                        origin = column_rule(catalog, rules, rel, attnum)
+                derived = outputs[i] if outputs is not None and i < len(outputs) else None
+                rule = strongest([origin, derived])
+            detect = rewriter.detectors is not None and type_oid in STRING_TYPES
+            out += body[pos:end]
+            if rule is not None:
+                out += _FIELD_TAIL.pack(table, attnum, TEXT_OID, -1, -1, fmt)
+                columns.append(_Column(i, rewriter.maskers(rule), False, False))
+            else:
+                out += body[end : end + 18]
+                if detect:
+                    columns.append(_Column(i, None, True, type_oid == JSONB_OID and fmt == 1))
+            pos = end + 18
+        if not columns:
+            return None, body
+        return cls(columns, rewriter, encoding), bytes(out)
+
+    def row(self, body: bytes) -> bytes:
+        """A DataRow body in, the whole DataRow message out."""
+        (count,) = _I16.unpack_from(body, 0)
+        offsets: list[tuple[int, int]] = []  # (start of the length word, value length)
+        pos = 2
+        for _ in range(count):
+            (n,) = _I32.unpack_from(body, pos)
+            offsets.append((pos, n))
+            pos += 4 + max(n, 0)
+        parts: list[bytes] = []
+        last = 0
+        changed = False
+        rewrite = self._rewriter.value
+        encoding = self._encoding
+        for col in self._columns:
+            if col.index >= count:
+                continue
+            start, n = offsets[col.index]
+            if n < 0:
+                continue  # NULL stays NULL
+            raw = body[start + 4 : start + 4 + n]
+            new = rewrite(col, raw, encoding)
+            if new is raw:
+                continue
+            changed = True
+            parts.append(body[last:start])
+            parts.append(b"\xff\xff\xff\xff" if new is None else _I32.pack(len(new)) + new)
+            last = start + 4 + n
+        if not changed:
+            return b"D" + _I32.pack(len(body) + 4) + body
+        parts.append(body[last:])
+        new_body = b"".join(parts)
+        return b"D" + _I32.pack(len(new_body) + 4) + new_body
+
+
+class CopyMask:
+    """COPY ... TO STDOUT rows in text or csv format: one CopyData message per row."""
+
+    __slots__ = ("_columns", "_csv", "_encoding", "_rewriter")
+
+    def __init__(
+        self,
+        outputs: Sequence[ColumnRule | None],
+        rewriter: Rewriter,
+        encoding: str,
+        csv: bool,
+    ) -> None:
+        self._columns = {
+            i: rewriter.maskers(rule) for i, rule in enumerate(outputs) if rule is not None
+        }
+        self._rewriter = rewriter
+        self._encoding = encoding
+        self._csv = csv
+
+    def row(self, body: bytes) -> bytes:
+        line = body.decode(self._encoding, errors="replace")
+        if self._columns:
+            line = self._mask_columns(line)
+        detectors = self._rewriter.line_detectors
+        if detectors is not None:
+            found = detectors.scan(line)
+            if isinstance(found, str):
+                line = found
+        data = line.encode(self._encoding, errors="replace")
+        return b"d" + _I32.pack(len(data) + 4) + data
+
+    def _mask_columns(self, line: str) -> str:
+        newline = line.endswith("\n")
+        fields = _split_csv(line.rstrip("\n")) if self._csv else line.rstrip("\n").split("\t")
+        for i, masker in self._columns.items():
+            if i >= len(fields):
+                continue
+            value = fields[i]
+            if (self._csv and value == "") or (not self._csv and value == "\\N"):
+                continue  # NULL
+            plain = _csv_unquote(value) if self._csv else _text_unescape(value)
+            masked = masker.mask(plain)
+            if masked is None:
+                fields[i] = "" if self._csv else "\\N"
+            else:
+                fields[i] = _csv_quote(masked) if self._csv else _text_escape(masked)
+        return (",".join(fields) if self._csv else "\t".join(fields)) + ("\n" if newline else "")
+
+
+_TEXT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
+
+
+def _text_unescape(value: str) -> str:
+    if "\\" not in value:
+        return value
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and i + 1 < len(value):
+            nxt = value[i + 1]
+            out.append(_TEXT_ESCAPES.get(nxt, nxt))
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _text_escape(value: str) -> str:
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
+
+
+def _split_csv(line: str) -> list[str]:
+    """Split one CSV line into raw fields (quotes kept), as COPY writes it."""
+    fields: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+            cur.append(ch)
+        elif ch == "," and not quoted:
+            fields.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    fields.append("".join(cur))
+    return fields
+
+
+def _csv_unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        return value[1:-1].replace('""', '"')
+    return value
+
+
+def _csv_quote(value: str) -> str:
+    if value == "" or any(c in value for c in ',"\n\r'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
