@@ -6,6 +6,8 @@ Everything runs on this machine: a throwaway PostgreSQL, pgbouncer (session pool
 from Debian when absent and running as root), and `pgwarden proxy` as its own process with its
 default configuration (statement events to the JSON log, here a file). Workloads are pgbench
 (select-only simple and prepared at 1 and 8 clients, tpcb-like at 8) and a 1M-row read with psql.
+A second pgwarden ("policy") runs a realistic policy: guardrails, one masked column
+(`pgbench_accounts.filler`, which the 1M-row read returns) and three content detectors.
 Rounds interleave the three targets so that drift on a shared machine hits all of them alike;
 the report gives the median of each and the ratios. Numbers depend on the machine: compare
 ratios, not absolute values.
@@ -98,8 +100,29 @@ pidfile = {d}/pgbouncer.pid
     return proc, Target("pgbouncer", port, password)
 
 
+# What a cautious team would give an agent that may write: guardrails, masking, detectors.
+REALISTIC_POLICY: dict[str, object] = {
+    "subjects": {"groups": ["bench"]},
+    "access": "read-write",
+    "guardrails": {
+        "deny": ["ddl", "drop", "truncate", "dcl", "admin", "server-files", "copy-program"],
+        "statementTimeout": "60s",
+    },
+    "masking": [
+        {"columns": ["public.pgbench_accounts.filler"], "strategy": "redact"},
+        {"detectors": ["email", "credit-card", "us-ssn"], "strategy": "partial"},
+    ],
+}
+
+
 def start_pgwarden(
-    pg: ThrowawayPostgres, password: str, issuer: LocalIssuer, workdir: Path, statement_log: bool
+    pg: ThrowawayPostgres,
+    password: str,
+    issuer: LocalIssuer,
+    workdir: Path,
+    statement_log: bool,
+    name: str = "pgwarden",
+    policy: dict[str, object] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Target]:
     port = free_port()
     config = {
@@ -115,19 +138,22 @@ def start_pgwarden(
         },
         "auth": {"oidc": {"issuer": issuer.issuer, "audience": "pgwarden"}},
         "policies": [
-            {"name": "bench", "spec": {"subjects": {"groups": ["bench"]}, "access": "read-write"}}
+            {
+                "name": "bench",
+                "spec": policy or {"subjects": {"groups": ["bench"]}, "access": "read-write"},
+            }
         ],
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "logging": {"statements": statement_log},
     }
-    path = workdir / "pgwarden.yaml"
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = (workdir / "pgwarden.log").open("w")
+    log = (workdir / f"{name}.log").open("w")
     exe = str(Path(sys.executable).with_name("pgwarden"))
     proc = subprocess.Popen([exe, "proxy", "--config", str(path)], stderr=log)
     wait_port(port)
     token = issuer.mint(sub="bench", email="bench@example.com", groups=["bench"], lifetime=6 * 3600)
-    return proc, Target("pgwarden", port, token)
+    return proc, Target(name, port, token)
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
@@ -246,13 +272,24 @@ def main() -> int:
                 pg, password, issuer, workdir, not args.no_statement_log
             )
             procs.append(warden_proc)
-            targets = [direct, bouncer, warden]
+            policy_proc, policy = start_pgwarden(
+                pg,
+                password,
+                issuer,
+                workdir,
+                not args.no_statement_log,
+                "policy",
+                REALISTIC_POLICY,
+            )
+            procs.append(policy_proc)
+            targets = [direct, bouncer, warden, policy]
             results: dict[str, dict[str, list[float]]] = {
                 w: {t.name: [] for t in targets} for w in workloads
             }
             for r in range(args.rounds):
                 for wname, (_, fn) in workloads.items():
-                    order = targets[r % 3 :] + targets[: r % 3]  # rotate who goes first
+                    k = r % len(targets)
+                    order = targets[k:] + targets[:k]  # rotate who goes first
                     for t in order:
                         results[wname][t.name].append(fn(t))
                 print(f"bench: round {r + 1}/{args.rounds} done", file=sys.stderr)
@@ -277,19 +314,21 @@ def report(
         f"\n{os.cpu_count()} cores; {args.rounds} interleaved rounds of {args.seconds}s; "
         "median of rounds\n"
     )
+    print("policy = pgwarden with guardrails, one masked column and three detectors\n")
     head = (
-        f"{'workload':20} {'unit':7} {'direct':>10} {'pgbouncer':>10} {'pgwarden':>10} "
-        f"{'bouncer/direct':>15} {'warden/direct':>14} {'warden/bouncer':>15}"
+        f"{'workload':20} {'unit':7} {'direct':>9} {'pgbouncer':>9} {'pgwarden':>9} "
+        f"{'policy':>9} {'bouncer/dir':>11} {'warden/dir':>10} {'warden/bnc':>10} "
+        f"{'policy/warden':>13} {'policy/dir':>10}"
     )
     print(head)
     print("-" * len(head))
     summary = {}
     for wname, (unit, _) in workloads.items():
         med = {t: statistics.median(v) for t, v in results[wname].items()}
-        d, b, w = med["direct"], med["pgbouncer"], med["pgwarden"]
+        d, b, w, p = med["direct"], med["pgbouncer"], med["pgwarden"], med["policy"]
         print(
-            f"{wname:20} {unit:7} {d:10.0f} {b:10.0f} {w:10.0f} {b / d:15.2f} {w / d:14.2f} "
-            f"{w / b:15.2f}"
+            f"{wname:20} {unit:7} {d:9.0f} {b:9.0f} {w:9.0f} {p:9.0f} {b / d:11.2f} "
+            f"{w / d:10.2f} {w / b:10.2f} {p / w:13.2f} {p / d:10.2f}"
         )
         summary[wname] = {
             "unit": unit,
@@ -298,6 +337,8 @@ def report(
             "pgbouncer/direct": b / d,
             "pgwarden/direct": w / d,
             "pgwarden/pgbouncer": w / b,
+            "policy/pgwarden": p / w,
+            "policy/direct": p / d,
         }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from pgwarden_proxy.masking import lineage as lineage_module
 from pgwarden_proxy.masking.lineage import Column, Lineage, LineageUnknown, Schema, lineage
 
 SCHEMA: Schema = {
@@ -516,9 +517,12 @@ UNKNOWN: list[tuple[str, str]] = [
         "SELECT * FROM dblink('db', 'select ssn from customers') AS t(s text)",
         "runs SQL given as text",
     ),
+    ("SELECT set_config('x', email, false) FROM customers", "out of band"),
+    ("SELECT 1 FROM customers WHERE pg_notify('c', email) IS NULL", "out of band"),
     ("SELECT * FROM customers c, my_func(c.id) f", "cannot expand *"),
     ("SELECT * FROM json_populate_record(NULL::customers, '{}')", "cannot expand *"),
     ("SELECT * FROM unnest((SELECT array_agg(c) FROM customers c))", "cannot expand *"),
+    ("SELECT * FROM unnest('{}'::customers[])", "cannot expand *"),
     ("SELECT (s.c).* FROM (SELECT c FROM customers c) s", "could not be expanded"),
     ("SELEC 1", "could not be parsed"),
     ("SELECT 1; SELECT 2", "exactly one statement"),
@@ -624,3 +628,16 @@ def test_pathological_recursion_is_bounded() -> None:
     ctes = ", ".join(f"r{i}(v) AS (SELECT v FROM r{i + 1} UNION SELECT 'x')" for i in range(30))
     sql = f"WITH RECURSIVE {ctes}, r30(v) AS (SELECT ssn FROM customers) SELECT v FROM r0"
     assert lineage(sql, SCHEMA).outputs == outputs("customers.ssn")
+
+
+def test_work_is_budgeted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lineage_module, "_BUDGET_BASE", 3)
+    monkeypatch.setattr(lineage_module, "_BUDGET_PER_NODE", 0)
+    with pytest.raises(LineageUnknown, match="too complex"):
+        lineage("SELECT upper(email), lower(ssn), name || notes FROM customers", SCHEMA)
+
+
+def test_old_sqlglot_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lineage_module, "_SQLGLOT_OK", False)
+    with pytest.raises(LineageUnknown, match="sqlglot 30"):
+        lineage("SELECT 1", SCHEMA)

@@ -90,6 +90,21 @@ _SQL_TEXT_FUNCTIONS = frozenset(
     }
 )
 
+# Functions that carry their arguments out of band (a setting read back later, a NOTIFY
+# payload, a large object): anywhere in a statement, their flow is not traced.
+_SIDE_CHANNEL_FUNCTIONS = frozenset(
+    {
+        "set_config",
+        "pg_notify",
+        "lo_from_bytea",
+        "lo_put",
+        "lowrite",
+        "lo_import",
+        "pg_logical_emit_message",
+        "pg_file_write",
+    }
+)
+
 # Keywords that sqlglot leaves as column references (only when unquoted and unresolved).
 _NILADIC = frozenset(
     {
@@ -142,7 +157,13 @@ _QUERY_TYPES = (exp.Select, exp.SetOperation, exp.Values, exp.Subquery)
 _DML_TYPES = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
 _NO_DATA_TYPES = (exp.Transaction, exp.Commit, exp.Rollback, exp.Set, exp.Drop, exp.TruncateTable)
 
-_BUDGET = 200_000  # expression nodes and queries visited per statement (recursive WITH repeats)
+# Work allowed per statement, in nodes visited: linear in its size, with room for recursive
+# WITH (evaluated until it settles) but not for nesting crafted to make that explode.
+_BUDGET_BASE = 200_000
+_BUDGET_PER_NODE = 50
+# The walk reads sqlglot >= 28 argument names (`from_`, `with_`); with older versions every
+# FROM clause would look empty, so they are refused outright.
+_SQLGLOT_OK = "from_" in exp.Select.arg_types and "with_" in exp.Select.arg_types
 _LEADING_NOISE = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.S)
 _FIRST_WORD = re.compile(r"[A-Za-z_]+")
 _CALL_NAME = re.compile(r"\s*([A-Za-z_][A-Za-z_0-9]*)\s*\(")
@@ -165,6 +186,8 @@ class Lineage:
 
 def lineage(sql: str, schema: Schema, search_path: Sequence[str] = ("public",)) -> Lineage:
     """Lineage of ONE PostgreSQL statement. Raises LineageUnknown when it cannot be analysed."""
+    if not _SQLGLOT_OK:
+        raise LineageUnknown("lineage needs sqlglot 30 or later")
     try:
         if _first_keyword(sql) in ("explain", "declare", "prepare", "copy"):
             return _utility(sql, schema, search_path)
@@ -444,7 +467,8 @@ class _Analyzer:
             path.insert(0, "pg_catalog")
         self.path = path
         self.writes: set[Column] = set()
-        self.budget = _BUDGET
+        self.budget = _BUDGET_BASE
+        self.into = False
 
     # -- statements ---------------------------------------------------------------------------
 
@@ -456,13 +480,8 @@ class _Analyzer:
         if isinstance(tree, exp.Create):
             return self._create(tree)
         if isinstance(tree, _QUERY_TYPES + _DML_TYPES):
-            into = False
-            for select in tree.find_all(exp.Select):
-                if select.args.get("into"):
-                    select.set("into", None)
-                    into = True
             outputs = self._analyse(tree)
-            if into:  # SELECT INTO creates and fills a table
+            if self.into:  # SELECT INTO creates and fills a table
                 return Lineage((), _union(c for _, c in outputs) | self.writes)
             return Lineage(tuple(c for _, c in outputs), frozenset(self.writes))
         raise LineageUnknown(f"{tree.key.upper()} statements are not analysed")
@@ -483,17 +502,33 @@ class _Analyzer:
 
     def _analyse(self, root: exp.Expr) -> _Outputs:
         root = normalize_identifiers(root, dialect="postgres")
-        for func in root.find_all(exp.Anonymous):
-            name = str(func.name).lower()
-            if name in _SQL_TEXT_FUNCTIONS:
-                raise LineageUnknown(f"{name}() runs SQL given as text; its lineage is unknown")
-        targets = set()  # written relations are never CTEs
-        for dml in root.find_all(*_DML_TYPES):
-            target = dml.this.this if isinstance(dml.this, exp.Schema) else dml.this
-            targets.add(id(target))
-        for table in list(root.find_all(exp.Table)):
-            if not isinstance(table.this, exp.Identifier):
-                continue  # a function in FROM
+        size = 0
+        tables: list[exp.Table] = []
+        targets: set[int] = set()  # written relations are never CTEs
+        for node in root.walk():
+            size += 1
+            if isinstance(node, exp.Select) and node.args.get("into"):
+                self.into = True
+            elif isinstance(node, exp.Func):
+                # sqlglot has no typed node for these: they parse as Anonymous (or, should
+                # one appear, a Func whose SQL name is theirs)
+                func = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
+                name = str(func).lower()
+                if name in _SQL_TEXT_FUNCTIONS:
+                    raise LineageUnknown(f"{name}() runs SQL given as text; its lineage is unknown")
+                if name in _SIDE_CHANNEL_FUNCTIONS:
+                    raise LineageUnknown(f"{name}() passes values out of band; it is not traced")
+            elif isinstance(node, _DML_TYPES):
+                target = node.this.this if isinstance(node.this, exp.Schema) else node.this
+                targets.add(id(target))
+            elif (
+                isinstance(node, exp.Table)
+                and isinstance(node.this, exp.Identifier)  # not a function in FROM
+                and not isinstance(node.parent, exp.Into)  # SELECT INTO's new table
+            ):
+                tables.append(node)
+        self.budget = _BUDGET_BASE + _BUDGET_PER_NODE * size
+        for table in tables:
             if table.args.get("catalog"):
                 table.set("catalog", None)  # PostgreSQL only allows the current database
             if table.db or id(table) in targets or not _cte_visible(table, table.name):
@@ -760,8 +795,8 @@ class _Analyzer:
             if len(names) > width:
                 raise LineageUnknown(f"{fname}() has more column aliases than columns")
             names += [name] * (width - len(names))
-            rel = _Rel.of(label, [(n, frozenset(derived)) for n in names])
-            rel.any_name = True
+            whole = frozenset(derived)
+            rel = _Rel(label, [(n, whole) for n in names], whole, any_name=True)
         scope.add(name, rel)
         return rel
 

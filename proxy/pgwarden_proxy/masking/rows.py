@@ -100,6 +100,10 @@ class ResultMask:
         columns: list[_Column] = []
         out = bytearray(body[:2])
         outputs = plan.outputs if plan is not None else None
+        if outputs is not None and len(outputs) != count:
+            # the plan does not fit this result (a stale catalog, a function's columns): every
+            # column takes the strongest rule the statement's lineage found anywhere
+            outputs = (strongest(outputs),) * count
         for i in range(count):
             end = body.index(b"\x00", pos) + 1
             table, attnum, type_oid, _, _, fmt = _FIELD_TAIL.unpack_from(body, end)
