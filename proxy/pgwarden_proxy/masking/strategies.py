@@ -30,9 +30,11 @@ shape (it contains `***`, e.g. `J***`).
     (`2001:db8::1` -> `2001:*:*:*:*:*:*:*`).
   - `secret`: the first 4 characters and `***` (`sk_live_abc123...` -> `sk_l***`); a secret
     shorter than 12 characters becomes `***`.
-  - None (a whole column value) and anything that fits no other shape: an email keeps the email
-    shape; otherwise the first character and `***` (`John Smith` -> `J***`), and a value of 1 to
-    3 characters becomes `***`, so the length is never revealed. The empty string stays empty.
+  - None (a whole column value) and anything that fits no other shape: a value that fits a shape
+    above keeps it (tried in the order email, us-ssn, credit-card, iban, ip-address, phone: a
+    column of SSNs shows `***-**-6789`); otherwise the first character and `***` (`John Smith`
+    -> `J***`), and a value of 1 to 3 characters becomes `***`, so the length is never revealed.
+    The empty string stays empty.
 """
 
 from __future__ import annotations
@@ -62,11 +64,20 @@ _IBAN = re.compile(r"[A-Za-z]{2}[0-9]{2}[A-Za-z0-9]{11,30}", re.ASCII)
 _DIGITS: Final = frozenset("0123456789")
 
 
+# A whole column value takes the first of these shapes it fits (a column of SSNs keeps the
+# SSN shape); the phone shape comes last, it fits many digit strings.
+_COLUMN_SHAPES: Final = ("us-ssn", "credit-card", "iban", "ip-address", "phone")
+
+
 def _generic(value: str) -> str:
     if not value:
         return ""
     if _EMAIL.fullmatch(value):
         return _email(value) or STARS
+    for kind in _COLUMN_SHAPES:
+        shaped = _SHAPES[kind](value)
+        if shaped is not None and shaped != value:
+            return shaped
     if len(value) < 4:
         return STARS
     return value[0] + STARS
