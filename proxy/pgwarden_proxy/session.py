@@ -100,6 +100,14 @@ class _Prepared(NamedTuple):
     plans: Sequence[StatementPlan | None]
 
 
+class _MaskMemo(NamedTuple):
+    plan: StatementPlan | None
+    rewriter: Rewriter
+    generation: int  # the catalog's
+    encoding: str
+    result: tuple[ResultMask | None, bytes]
+
+
 class _Portal(NamedTuple):
     info: StatementInfo
     bind: m.BindMessage
@@ -144,6 +152,8 @@ class Session:
         self._result_mask: ResultMask | None = None
         self._copy_mask: CopyMask | None = None
         self._rewriter: Rewriter | None = None  # set when the effective policy masks
+        self._mask_memo: dict[bytes, _MaskMemo] = {}
+        self._described: str | None = None  # the portal the client just asked to Describe
         limits = self.cfg.limits
         self._client_scanner = Scanner(
             streamed=(_COPYDATA,), max_message=limits.max_message_bytes, frontend=True
@@ -463,6 +473,8 @@ class Session:
             else:
                 entry = _Portal(prepared.infos[0], bind, prepared.types, prepared.plans[0])
             self._portals[bind.portal] = entry
+            if self._described == bind.portal:
+                self._described = None
             self.tracker.request(Kind.BIND)
         elif t == 69:  # E Execute
             return self._execute(msg, out)
@@ -481,6 +493,7 @@ class Session:
                 plan = prepared.plans[0] if prepared else None
             else:
                 kind = Kind.DESCRIBE_PORTAL
+                self._described = name
                 portal = self._portals.get(name)
                 plan = portal.plan if portal else None
             self.tracker.request(kind, plan=plan)
@@ -518,6 +531,7 @@ class Session:
 
     def _execute(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
         name = m.Reader(msg.body).cstring()
+        described, self._described = self._described, None  # one Describe, one Execute
         portal = self._portals.get(name)
         if portal is None:
             info, params, plan = _UNKNOWN_STATEMENT, None, None
@@ -529,8 +543,9 @@ class Session:
             out.append(_POISON)
             return None
         forward: list[bytes] = []
-        if self.policy.masking:
-            # the rows' columns decide what is masked: ask for them, and keep the answer
+        if self.policy.masking and described != name:
+            # the rows' columns decide what is masked: ask for them (unless the client just
+            # did, as libpq does before every Execute), and keep the answer
             forward.append(m.frame(b"D", b"P" + m.cstr(name)))
         forward.append(msg.raw)
         if decision.hold is not None:
@@ -889,9 +904,7 @@ class Session:
         assert rewriter is not None
         scanner = self._server_scanner
         if t == 84:  # T RowDescription: decides this result's rows
-            mask, body = ResultMask.build(
-                msg.body, plan, self.policy.masking, self.server.catalog, rewriter, self.encoding
-            )
+            mask, body = self._result_mask_for(msg.body, plan, rewriter)
             self._result_mask = mask
             if mask is None:
                 scanner.streamed.add(_DATAROW)
@@ -911,6 +924,32 @@ class Session:
             )
             scanner.streamed.discard(_COPYDATA)
         return msg
+
+    def _result_mask_for(
+        self, row_description: bytes, plan: StatementPlan | None, rewriter: Rewriter
+    ) -> tuple[ResultMask | None, bytes]:
+        """`ResultMask.build`, remembered: a prepared statement sends the same description
+        before every execution."""
+        catalog = self.server.catalog
+        memo = self._mask_memo.get(row_description)
+        if memo is not None:
+            m_plan, m_rewriter, generation, encoding, result = memo
+            if (
+                m_plan is plan
+                and m_rewriter is rewriter
+                and generation == catalog.generation
+                and encoding == self.encoding
+            ):
+                return result
+        result = ResultMask.build(
+            row_description, plan, self.policy.masking, catalog, rewriter, self.encoding
+        )
+        if len(self._mask_memo) >= 256:
+            self._mask_memo.clear()
+        self._mask_memo[row_description] = _MaskMemo(
+            plan, rewriter, catalog.generation, self.encoding, result
+        )
+        return result
 
     def _plan_of_head(self) -> StatementPlan | None:
         """The plan of the statement the server is answering."""

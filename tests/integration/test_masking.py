@@ -159,6 +159,22 @@ def test_asyncpg_prepared_statements_are_masked(masked: RunningProxy) -> None:
     assert not leaks([tuple(r) for r in rows])
 
 
+def test_asyncpg_portal_fetched_in_pieces_stays_masked(masked: RunningProxy) -> None:
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(masked.url())
+        try:
+            async with conn.transaction():
+                # Execute with a row limit: PortalSuspended, then Execute of the same portal
+                cur = conn.cursor("SELECT email, ssn FROM shop.customers ORDER BY id", prefetch=1)
+                return [tuple(r) async for r in cur]
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(run())
+    assert len(rows) == 2
+    assert not leaks(rows), rows
+
+
 def test_psql_simple_protocol_and_cursors_are_masked(masked: RunningProxy) -> None:
     script = (
         "SELECT email, ssn FROM shop.customers;\n"

@@ -77,7 +77,8 @@ class Finding(NamedTuple):
 
 
 _Span = tuple[int, int]
-_NumericFinder = Callable[[str, int], list[_Span]]
+# (text, number of ASCII digits in it, whether `_nine_digits` found a cluster)
+_NumericFinder = Callable[[str, int, bool], list[_Span]]
 
 _WORD: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _STRICTNESS: Final = {
@@ -89,6 +90,13 @@ _STRICTNESS: Final = {
 _LOCAL: Final = _WORD | frozenset(".%+-")
 
 _DIGIT_BYTES: Final = b"0123456789"
+# 9 digits with at most 2 of ` .()-` between neighbours, searched from the start of such a
+# cluster only: a necessary condition for a credit card, an SSN and a North American phone.
+_nine_digits: Final = re.compile(
+    r"[0-9](?<![0-9][0-9])(?<![0-9][ .()-][0-9])(?<![0-9][ .()-]{2}[0-9])"
+    r"(?:[ .()-]{0,2}+[0-9]){8}",
+    re.ASCII,
+).search
 
 # Most patterns start with a character class or a literal and check the character before it
 # with a lookbehind placed after it: the regex engine then skips quickly to the positions where
@@ -143,17 +151,9 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _card_groups_ok(lengths: list[int]) -> bool:
-    if len(lengths) == 1:
-        return True
-    if lengths[0] != 4 or not 1 <= lengths[-1] <= 6:
-        return False
-    return all(4 <= n <= 6 for n in lengths[1:-1])
-
-
-def _find_cards(text: str, digits: int) -> list[_Span]:
+def _find_cards(text: str, digits: int, cluster: bool) -> list[_Span]:
     spans: list[_Span] = []
-    if digits < 13:
+    if digits < 13 or not cluster:
         return spans
     n = len(text)
     for m in _CARD_RE.finditer(text):
@@ -177,20 +177,28 @@ def _find_cards(text: str, digits: int) -> list[_Span]:
         i = 0
         while i < usable:
             best = -1
-            number = ""
-            for j in range(i, usable):
-                number += text[groups[j][0] : groups[j][1]]
-                if len(number) > 19:
-                    break
-                if (
-                    len(number) >= 13
-                    and "2" <= number[0] <= "6"
-                    and _card_groups_ok([b - a for a, b in groups[i : j + 1]])
-                    and _luhn(number)
-                ):
-                    best = j
+            first_start, first_end = groups[i]
+            first = first_end - first_start
+            if not "2" <= text[first_start] <= "6":
+                pass
+            elif first != 4:  # a card in one piece
+                if 13 <= first <= 19 and _luhn(text[first_start:first_end]):
+                    best = i
+            else:  # 4 digits, then groups of 4 to 6 digits, the last of 1 to 6
+                number = text[first_start:first_end]
+                for j in range(i + 1, usable):
+                    a, b = groups[j]
+                    if b - a > 6:
+                        break
+                    if j > i + 1 and not 4 <= groups[j - 1][1] - groups[j - 1][0] <= 6:
+                        break
+                    number += text[a:b]
+                    if len(number) > 19:
+                        break
+                    if len(number) >= 13 and _luhn(number):
+                        best = j
             if best >= 0:
-                spans.append((groups[i][0], groups[best][1]))
+                spans.append((first_start, groups[best][1]))
                 i = best + 1
             else:
                 i += 1
@@ -205,9 +213,9 @@ _SSN_RE: Final = re.compile(
 )
 
 
-def _find_ssns(text: str, digits: int) -> list[_Span]:
+def _find_ssns(text: str, digits: int, cluster: bool) -> list[_Span]:
     spans: list[_Span] = []
-    if digits < 9 or text.count("-") < 2:
+    if not cluster or text.count("-") < 2:
         return spans
     for m in _SSN_RE.finditer(text):
         s = m.group()
@@ -240,13 +248,13 @@ _PHONE_NA_PREFIX: Final = re.compile(r"(?<![A-Za-z0-9_.+-])\+?1[ .-]?\Z", re.ASC
 _NOT_BEFORE_PHONE: Final = _WORD | frozenset(".+-")
 
 
-def _find_phones(text: str, digits: int) -> list[_Span]:
+def _find_phones(text: str, digits: int, cluster: bool) -> list[_Span]:
     spans: list[_Span] = []
     if "+" in text:
         for m in _PHONE_INTL_RE.finditer(text):
             if 8 <= sum(ch.isdigit() for ch in m.group()) <= 15:
                 spans.append(m.span())
-    if digits < 10:
+    if digits < 10 or not cluster:
         return spans
     for pattern in (_PHONE_NA_PAREN_RE, _PHONE_NA_RE):
         for m in pattern.finditer(text):
@@ -283,7 +291,7 @@ def _iban_ok(compact: str) -> bool:
     return int(number) % 97 == 1
 
 
-def _find_ibans(text: str, digits: int) -> list[_Span]:
+def _find_ibans(text: str, digits: int, cluster: bool) -> list[_Span]:
     spans: list[_Span] = []
     if len(text) < 15 or text.islower():
         return spans
@@ -318,6 +326,8 @@ _IPV6_RE: Final = re.compile(
 
 
 def _ipv6_ok(candidate: str) -> bool:
+    if "::" not in candidate and candidate.count(":") < 6:
+        return False
     try:
         ipaddress.IPv6Address(candidate)
     except ValueError:
@@ -332,7 +342,7 @@ def _ipv6_ok(candidate: str) -> bool:
     )
 
 
-def _find_ipv4s(text: str, digits: int) -> list[_Span]:
+def _find_ipv4s(text: str, digits: int, cluster: bool) -> list[_Span]:
     spans: list[_Span] = []
     if digits < 4 or text.count(".") < 3:
         return spans
@@ -357,15 +367,15 @@ def _find_ipv6s(text: str) -> list[_Span]:
 
 # Every alternative starts with a literal, so the engine only stops at those characters.
 _TOKEN_RE: Final = re.compile(
-    r"(?:AKIA[A-Z0-9]{16}(?![A-Za-z0-9])"
-    r"|ASIA[A-Z0-9]{16}(?![A-Za-z0-9])"
-    r"|gh[pousr]_[A-Za-z0-9]{30,}+(?![A-Za-z0-9_])"
-    r"|github_pat_[A-Za-z0-9_]{22,}+"
-    r"|xox[abpr]-[A-Za-z0-9-]{10,}+"
-    r"|sk_(?:live|test)_[A-Za-z0-9]{10,}+(?![A-Za-z0-9_])"
-    r"|rk_(?:live|test)_[A-Za-z0-9]{10,}+(?![A-Za-z0-9_])"
-    r"|AIza[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-])"
-    r"|eyJ[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]*+"
+    r"(?:AKIA(?<![A-Za-z0-9_]AKIA)[A-Z0-9]{16}(?![A-Za-z0-9])"
+    r"|ASIA(?<![A-Za-z0-9_]ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"
+    r"|gh(?<![A-Za-z0-9_]gh)[pousr]_[A-Za-z0-9]{30,}+(?![A-Za-z0-9_])"
+    r"|github_pat_(?<![A-Za-z0-9_]github_pat_)[A-Za-z0-9_]{22,}+"
+    r"|xox(?<![A-Za-z0-9_-]xox)[abpr]-[A-Za-z0-9-]{10,}+"
+    r"|sk_(?<![A-Za-z0-9_]sk_)(?:live|test)_[A-Za-z0-9]{10,}+(?![A-Za-z0-9_])"
+    r"|rk_(?<![A-Za-z0-9_]rk_)(?:live|test)_[A-Za-z0-9]{10,}+(?![A-Za-z0-9_])"
+    r"|AIza(?<![A-Za-z0-9_-]AIza)[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-])"
+    r"|eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]*+"
     r"|-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY-----"
     r"(?:[\s\S]*?-----END[A-Z0-9 ]{0,40}PRIVATE KEY-----|[\s\S]*))",
     re.ASCII,
@@ -402,11 +412,7 @@ def _find_secrets(text: str) -> list[_Span]:
         or "AIza" in text
         or "-----" in text
     ):
-        for m in _TOKEN_RE.finditer(text):
-            start = m.start()
-            if start and text[start - 1] in _WORD and text[start] != "-":
-                continue
-            spans.append(m.span())
+        spans.extend(m.span() for m in _TOKEN_RE.finditer(text))
     if "=" in text or ":" in text:
         low = text.lower()
         if "pass" in low or "secret" in low or "key" in low or "token" in low:
@@ -472,8 +478,10 @@ class DetectorSet:
             raw = text.encode("utf-8", "surrogatepass")
             digits = len(raw) - len(raw.translate(None, _DIGIT_BYTES))
             if digits >= 2:
+                cluster = digits >= 9 and _nine_digits(text) is not None
                 for detector, finder in self._numeric:
-                    found.extend(Finding(s, e, detector) for s, e in finder(text, digits))
+                    spans = finder(text, digits, cluster)
+                    found.extend(Finding(s, e, detector) for s, e in spans)
         if self._ipv6 and text.count(":") >= 2:
             found.extend(Finding(s, e, Detector.IP_ADDRESS) for s, e in _find_ipv6s(text))
         if self._secret:

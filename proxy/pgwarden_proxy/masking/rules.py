@@ -61,6 +61,14 @@ class MaskRules:
     _memo: dict[tuple[str, str, str], ColumnRule | None] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # rules are dictionary keys on every statement (plans, rewriters): hash them once
+        object.__setattr__(self, "_hash", hash((self.columns, self.detectors)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def combine(cls, policies: Iterable[NamedPolicy]) -> MaskRules:
