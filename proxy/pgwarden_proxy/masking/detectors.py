@@ -108,6 +108,7 @@ _nine_digits: Final = re.compile(
 _EMAIL_DOMAIN_RE: Final = re.compile(
     r"@(?:[A-Za-z0-9-]++\.)+[A-Za-z]{2,63}(?![A-Za-z0-9_-]|\.[A-Za-z0-9])", re.ASCII
 )
+_local_run: Final = re.compile(r"[A-Za-z0-9._%+-]*", re.ASCII).match
 _URI_USER_BEFORE: Final = re.compile(r"://[^\s:/?#@\[\]]+\Z", re.ASCII)
 
 
@@ -115,13 +116,14 @@ def _find_emails(text: str) -> list[_Span]:
     spans: list[_Span] = []
     for m in _EMAIL_DOMAIN_RE.finditer(text):
         at, end = m.span()
-        start = at
-        while start and text[start - 1] in _LOCAL:
+        # The local part, read backwards from the `@`.
+        start = at - _local_run(text[max(0, at - 64) : at][::-1]).end()
+        while start and text[start - 1] in _LOCAL:  # longer than 64 characters
             start -= 1
-        while start < at and text[start] == ".":
-            start += 1
-        if not any(ch in _WORD for ch in text[start:at]):
+        local = text[start:at].lstrip(".")
+        if not local.strip("._%+-"):
             continue
+        start = at - len(local)
         # `scheme://user:password@host` holds a password, not an email address.
         if text[start - 1 : start] == ":" and _URI_USER_BEFORE.search(
             text, max(0, start - 256), start - 1
@@ -473,7 +475,7 @@ class DetectorSet:
         """The findings in `text`, in order, without overlaps (earliest, then longest, wins)."""
         found: list[Finding] = []
         if self._email and "@" in text:
-            found.extend(Finding(s, e, Detector.EMAIL) for s, e in _find_emails(text))
+            found += [Finding(s, e, Detector.EMAIL) for s, e in _find_emails(text)]
         if self._numeric:
             raw = text.encode("utf-8", "surrogatepass")
             digits = len(raw) - len(raw.translate(None, _DIGIT_BYTES))
@@ -481,11 +483,16 @@ class DetectorSet:
                 cluster = digits >= 9 and _nine_digits(text) is not None
                 for detector, finder in self._numeric:
                     spans = finder(text, digits, cluster)
-                    found.extend(Finding(s, e, detector) for s, e in spans)
-        if self._ipv6 and text.count(":") >= 2:
-            found.extend(Finding(s, e, Detector.IP_ADDRESS) for s, e in _find_ipv6s(text))
+                    if spans:
+                        found += [Finding(s, e, detector) for s, e in spans]
+        if self._ipv6 and ("::" in text or text.count(":") >= 6):
+            spans = _find_ipv6s(text)
+            if spans:
+                found += [Finding(s, e, Detector.IP_ADDRESS) for s, e in spans]
         if self._secret:
-            found.extend(Finding(s, e, Detector.SECRET) for s, e in _find_secrets(text))
+            spans = _find_secrets(text)
+            if spans:
+                found += [Finding(s, e, Detector.SECRET) for s, e in spans]
         if len(found) < 2:
             return found
         found.sort(key=lambda f: (f.start, -f.end))

@@ -12,7 +12,8 @@ it derives from. Where masking applies, a statement is refused when:
   built-in that runs SQL given as text or dumps whole tables (`query_to_xml`, `dblink`, ...),
 - it is a `COPY ... TO STDOUT` in binary format whose columns need masking.
 
-Plans are cached per statement text and rule set, and dropped with the catalog cache.
+Plans are cached per statement fingerprint (literal values do not change lineage) and rule set,
+and dropped with the catalog cache.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pglast
-from pglast.parser import parse_sql_json
+from pglast.parser import normalize, parse_sql_json
 from pglast.stream import RawStream
 
 from pgwarden_proxy.masking.catalog import Catalog, Relation
@@ -121,7 +122,7 @@ class Planner:
             return _copy_plan(info) if rules.detectors and info.command == "COPY" else NO_PLAN
         if not info.relations and not info.functions:
             return NO_PLAN
-        return self._cache.get((rules, info.text, self.catalog.generation))
+        return self._cache.get((rules, _cache_key(info), self.catalog.generation))
 
     async def prepare(self, infos: Sequence[StatementInfo], rules: MaskRules) -> None:
         """Read what the statements need from the catalog, and plan them."""
@@ -135,7 +136,7 @@ class Planner:
             plan = self._plan(info, rules)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
-            self._cache[(rules, info.text, self.catalog.generation)] = plan
+            self._cache[(rules, _cache_key(info), self.catalog.generation)] = plan
 
     # ------------------------------------------------------------------ planning
     def _plan(self, info: StatementInfo, rules: MaskRules) -> StatementPlan:
@@ -216,6 +217,22 @@ class Planner:
                 "function reads"
             )
         return None
+
+
+# Statements whose plan depends on more than their shape (cursor and statement names, options).
+_BY_TEXT = frozenset({"DECLARE CURSOR", "PREPARE", "COPY"})
+
+
+def _cache_key(info: StatementInfo) -> str:
+    """Lineage does not depend on literal values: statements that differ only in them share a
+    plan, so a query sent with ever new constants is analysed once. Not the fingerprint: it
+    ignores the order of the select list, and that order is what a plan is about."""
+    if info.fingerprint is None or info.command in _BY_TEXT:
+        return info.text
+    try:
+        return "n:" + normalize(info.text)
+    except pglast.parser.ParseError:
+        return info.text
 
 
 def _inner_query(info: StatementInfo) -> tuple[str, str | None, str | None]:
