@@ -46,7 +46,7 @@ from pgwarden_proxy.tracker import Kind, Op, Tracker
 from pgwarden_proxy.upstream import UpstreamConnection, UpstreamError
 from pgwarden_proxy.upstream import connect as connect_upstream
 from pgwarden_proxy.wire import messages as m
-from pgwarden_proxy.wire.framing import Message, ProtocolViolation, Scanner
+from pgwarden_proxy.wire.framing import Message, ProtocolViolation, Rows, Scanner
 
 if TYPE_CHECKING:
     from pgwarden_proxy.server import ProxyServer
@@ -62,8 +62,8 @@ _FLUSH = m.frame(b"H")
 _DATAROW, _COPYDATA = ord("D"), ord("d")
 # where one statement's rows end: CommandComplete, PortalSuspended, Error, EmptyQuery, Ready
 _STATEMENT_END = frozenset(b"CsEIZc")
-# what masking looks at: rows, COPY rows, RowDescription, CopyOutResponse
-_MASKED_TYPES = frozenset(b"DdTH")
+# what masking looks at: COPY rows, RowDescription, CopyOutResponse (rows come as `Rows`)
+_MASKED_TYPES = frozenset(b"dTH")
 _UNKNOWN_STATEMENT = StatementInfo(
     text="",
     fingerprint=None,
@@ -145,7 +145,7 @@ class Session:
         self._cursor_plans: dict[str, StatementPlan] = {}
         # client input while a message waits (approval, catalog): the scanner's items in
         # progress, and data that arrived meanwhile
-        self._client_items: Iterator[bytes | Message] | None = None
+        self._client_items: Iterator[bytes | Message | Rows] | None = None
         self._client_backlog: list[bytes] = []
         self._waiting: asyncio.Task[None] | None = None
         # the result being masked: its rows arrive whole and are rewritten
@@ -854,6 +854,10 @@ class Session:
                 if type(item) is bytes:
                     out.append(item)
                     continue
+                if type(item) is Rows:
+                    mask = self._result_mask
+                    out.append(item.data if mask is None else mask.rows(item.data))
+                    continue
                 assert isinstance(item, Message)
                 t = item.type
                 if t in _MASKED_TYPES and self._rewriter is not None:
@@ -889,11 +893,6 @@ class Session:
     # ------------------------------------------------------------------ result masking
     def _mask(self, msg: Message) -> Message:
         t = msg.type
-        if t == _DATAROW:
-            mask = self._result_mask
-            if mask is None:
-                return msg
-            return Message(t, b"", mask.row(msg.body), msg.rows, msg.row_bytes)
         if t == _COPYDATA:
             copy = self._copy_mask
             if copy is None:
@@ -906,11 +905,8 @@ class Session:
         if t == 84:  # T RowDescription: decides this result's rows
             mask, body = self._result_mask_for(msg.body, plan, rewriter)
             self._result_mask = mask
-            if mask is None:
-                scanner.streamed.add(_DATAROW)
-                return msg
-            scanner.streamed.discard(_DATAROW)
-            if body is msg.body:
+            scanner.whole_rows = mask is not None
+            if mask is None or body is msg.body:
                 return msg
             return Message(t, body, m.frame(b"T", body), msg.rows, msg.row_bytes)
         # H CopyOutResponse: COPY ... TO STDOUT in text or csv (binary was refused by the plan)
@@ -965,7 +961,8 @@ class Session:
     def _end_of_masking(self) -> None:
         self._result_mask = None
         self._copy_mask = None
-        self._server_scanner.streamed.update((_DATAROW, _COPYDATA))
+        self._server_scanner.whole_rows = False
+        self._server_scanner.streamed.add(_COPYDATA)
 
     def _end_of_rows(self, msg: Message, out: list[bytes]) -> Message:
         """A statement's rows ended: say so if maxRows cut them, and reset the budget."""

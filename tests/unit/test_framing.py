@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pgwarden_proxy.wire.framing import Message, ProtocolViolation, Scanner
+from pgwarden_proxy.wire.framing import Message, ProtocolViolation, Rows, Scanner
 from pgwarden_proxy.wire.messages import frame
 
 D, C, Z, d = ord("D"), ord("C"), ord("Z"), ord("d")
@@ -132,3 +132,35 @@ def test_garbage_only_ever_raises_protocol_violation(data: bytes, cuts: list[int
     s = Scanner(streamed=(D, d), counted=D, max_message=4096, frontend=True)
     with contextlib.suppress(ProtocolViolation):
         run(s, chunks_of(data, cuts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(message, max_size=40),
+    st.lists(st.integers(0, 20000), max_size=30),
+    st.one_of(st.none(), st.integers(0, 10)),
+)
+def test_whole_rows_come_as_complete_rows_under_any_split(
+    msgs: list[bytes], cuts: list[int], budget: int | None
+) -> None:
+    scanner = Scanner(streamed=(D, d), counted=D, max_message=1 << 20)
+    scanner.whole_rows = True
+    scanner.row_budget = budget
+    passed: list[bytes] = []
+    rows_seen = 0
+    for part in chunks_of(b"".join(msgs), cuts):
+        for item in scanner.feed(part):
+            if isinstance(item, Rows):
+                # only complete DataRows, back to back
+                inner = list(Scanner(streamed=(), max_message=1 << 20).feed(item.data))
+                assert all(isinstance(m, Message) and m.type == D for m in inner)
+                assert len(inner) == item.count
+                rows_seen += item.count
+                passed.append(item.data)
+            else:
+                passed.append(item.raw if isinstance(item, Message) else item)
+    rows = [i for i, x in enumerate(msgs) if x[0] == D]
+    over = set(rows[budget:]) if budget is not None else set()
+    assert b"".join(passed) == b"".join(x for i, x in enumerate(msgs) if i not in over)
+    assert rows_seen == len(rows) - len(over)
+    assert scanner.dropped == len(over)

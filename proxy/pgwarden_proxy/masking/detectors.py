@@ -1,51 +1,58 @@
 """Content detectors: personal data and secrets inside free text. Pure functions, no I/O.
 
 `DetectorSet.scan(text)` replaces every finding with its masker's output for the finding's kind
-(the detector's name, e.g. `masker.mask("alice@example.org", kind="email")`). It answers None
-when nothing was found (the common case: the caller passes the original bytes on unchanged),
-`NULL` when a finding's masker answers None (strategy `null`: the whole value becomes SQL NULL),
-and otherwise the masked text. Findings never overlap: of overlapping candidates the one that
-starts first wins, then the longest. A detector named twice keeps its strictest strategy
-(null > redact > hash > partial). Matching is ASCII: `\\d`-style classes never match other
-scripts' digits, and internationalised email addresses are not detected.
+(the detector's name: `masker.mask("alice@example.org", kind="email")`). It answers:
+
+- None when nothing was found (the common case: the caller passes the original bytes on),
+- `NULL` when the whole value must become SQL NULL: a detector whose strategy is `null` found
+  something (checked before overlaps are resolved, so it always wins), or a masker answered None,
+- otherwise the text with the findings replaced.
+
+Findings never overlap: of overlapping findings the one that starts first wins, then the longest,
+then the strictest strategy (null > redact > hash > partial); the others are dropped, never
+masked twice. A detector named twice keeps its strictest strategy. Matching is ASCII only: other
+scripts' digits are not digits here, and internationalised email addresses are not detected.
 
 Detectors (what counts as a finding):
 
-- `email`: `local@domain.tld`; the local part of letters, digits and `._%+-`, a dotted domain
-  whose last label has 2 to 63 letters. `user@localhost`, `@mention`, `pkg@1.2.3` are not.
+- `email`: `local@domain.tld`, the local part of letters, digits and `._%+-`, a dotted domain
+  whose last label has 2 to 63 letters. Not findings: `user@localhost`, `@mention`, `pkg@1.2.3`,
+  and `user:password@host` inside a URI (its password is a `secret`).
 - `credit-card`: 13 to 19 digits, contiguous or grouped by single spaces or single dashes (the
-  same separator throughout; first group of 4 digits, middle groups of 4 to 6, last of 1 to 6),
-  starting with 2 to 6 (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay) and passing
-  the Luhn check. Digit runs glued to letters, dots or longer numbers are not findings; a card
-  followed by more digit groups (`4111 1111 1111 1111 123`) is found without them.
+  same separator throughout; a first group of 4 digits, middle groups of 4 to 6, a last one of 1
+  to 6), starting with 2 to 6 (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay) and
+  passing the Luhn check. Digit runs glued to letters, dots or longer numbers (`12-4111...`)
+  are not findings; a card followed by more digit groups (`4111 1111 1111 1111 123`) is found
+  without them.
 - `us-ssn`: `AAA-GG-SSSS` with dashes only (spaces or no separator would match too much), area
   not 000, 666 or 900-999, group not 00, serial not 0000.
 - `phone`: `+` and a country code with 8 to 15 digits in all, the digits optionally separated by
   single spaces, dots or dashes, one parenthesised group allowed (`+44 (0)20 7946 0958`); and
-  North American numbers `(555) 123-4567`, `555-123-4567`, `555.123.4567`, `555 123 4567`
-  (one separator throughout, area code starting 2-9), optionally after `1-` or `+1 `.
+  North American numbers `(555) 123-4567`, `555-123-4567`, `555.123.4567`, `555 123 4567` (the
+  same separator twice, an area code starting 2-9), optionally after `1-`, `1 ` or `+1 `.
   Dates, times, version numbers, SSNs and bare integers are not phone numbers.
 - `iban`: an ISO 13616 country code in upper case, 2 check digits and 11 to 30 upper-case
   letters or digits, contiguous or in groups of 4 separated by single spaces
   (`GB82 WEST 1234 5698 7654 32`), passing the mod-97 check. Lower-case IBANs are not detected.
 - `ip-address`: dotted-quad IPv4 (octets 0-255 without leading zeros) that is not part of a
   longer dotted number (`1.2.3.4.5`) nor glued to a word (`v1.2.3.4`); IPv6 validated by
-  `ipaddress`, where a compressed form (with `::`) needs two groups, five hex digits and one
+  `ipaddress`, where a compressed form (with `::`) needs two groups, five hex digits and a
   decimal digit (so `::1`, `a::b`, `x[1::2]` are not findings). A four-part version number such
   as `1.2.3.4` is an IPv4 address to this detector.
 - `secret`: AWS access key ids (`AKIA`/`ASIA` and 16 upper-case letters or digits); GitHub
   tokens (`ghp_`, `gho_`, `ghu_`, `ghs_`, `ghr_` and 30+ characters, `github_pat_` and 22+);
   Slack tokens (`xoxa-`, `xoxb-`, `xoxp-`, `xoxr-` and 10+); Stripe keys (`sk_live_`,
   `sk_test_`, `rk_live_`, `rk_test_` and 10+); Google API keys (`AIza` and 35); JWTs (three
-  base64url parts, header and payload starting `eyJ`); PEM private keys from
-  `-----BEGIN ... PRIVATE KEY-----` to the matching END line (or to the end of the text when it
-  is cut off); the password of a URI (`postgres://app:PASSWORD@host`); `Bearer` tokens of 20+
-  characters; and values of 6+ characters assigned with `=` or `:` to a key named password,
-  passwd, passphrase, secret, secret_key, client_secret, api_key, apikey, access_key,
-  private_key, access_token, auth_token or refresh_token, possibly prefixed (`DB_PASSWORD=`,
-  `"password": "..."`, `password = '...'`). Of an assignment or URI only the value is the
-  finding. Placeholders are not: `null`, `none`, `true`, `false`, values starting with `$`, `%`,
-  `{`, `<`, `:` or `?`, and values containing `***` or `redacted`.
+  base64url parts, header and payload starting `eyJ`); PEM and PGP private keys from
+  `-----BEGIN ... PRIVATE KEY-----` to the END line (or to the end of a cut-off text); the
+  password of a URI (`postgres://app:PASSWORD@host`); `Bearer` tokens of 20+ characters; and
+  values of 6+ characters assigned with `=` or `:` to a key named password, passwd, passphrase,
+  secret, secret_key, client_secret, api_key, apikey, access_key, private_key, access_token,
+  auth_token or refresh_token, possibly prefixed (`DB_PASSWORD=...`, `"password": "..."`,
+  `password = '...'`). Of an assignment, URI or Bearer header only the value is the finding.
+  Placeholders are not findings: `null`, `none`, `nil`, `true`, `false`, `undefined`, values
+  starting with `$`, `%`, `{`, `<`, `:` or `?`, and values containing `***` or `redacted`.
+  Not detected: SQL `PASSWORD 'x'` without `=`, and free-form secrets without a known shape.
 """
 
 from __future__ import annotations
@@ -108,8 +115,13 @@ _nine_digits: Final = re.compile(
 _EMAIL_DOMAIN_RE: Final = re.compile(
     r"@(?:[A-Za-z0-9-]++\.)+[A-Za-z]{2,63}(?![A-Za-z0-9_-]|\.[A-Za-z0-9])", re.ASCII
 )
-_local_run: Final = re.compile(r"[A-Za-z0-9._%+-]*", re.ASCII).match
+_LOCAL_RUN: Final = re.compile(r"[A-Za-z0-9._%+-]*+", re.ASCII)
 _URI_USER_BEFORE: Final = re.compile(r"://[^\s:/?#@\[\]]+\Z", re.ASCII)
+
+
+def _local_length(backwards: str) -> int:
+    m = _LOCAL_RUN.match(backwards)
+    return 0 if m is None else m.end()
 
 
 def _find_emails(text: str) -> list[_Span]:
@@ -117,7 +129,7 @@ def _find_emails(text: str) -> list[_Span]:
     for m in _EMAIL_DOMAIN_RE.finditer(text):
         at, end = m.span()
         # The local part, read backwards from the `@`.
-        start = at - _local_run(text[max(0, at - 64) : at][::-1]).end()
+        start = at - _local_length(text[max(0, at - 64) : at][::-1])
         while start and text[start - 1] in _LOCAL:  # longer than 64 characters
             start -= 1
         local = text[start:at].lstrip(".")
@@ -136,7 +148,8 @@ def _find_emails(text: str) -> list[_Span]:
 # --- credit cards ------------------------------------------------------------------------
 
 _CARD_RE: Final = re.compile(
-    r"[0-9](?<![A-Za-z0-9_.-][0-9])[0-9]*+(?:(?P<sep>[ -])[0-9]++(?:(?P=sep)[0-9]++)*+)?+",
+    r"[0-9](?<![A-Za-z0-9_.][0-9])(?<![0-9]-[0-9])"
+    r"[0-9]*+(?:(?P<sep>[ -])[0-9]++(?:(?P=sep)[0-9]++)*+)?+",
     re.ASCII,
 )
 
@@ -210,7 +223,8 @@ def _find_cards(text: str, digits: int, cluster: bool) -> list[_Span]:
 # --- US social security numbers ----------------------------------------------------------
 
 _SSN_RE: Final = re.compile(
-    r"[0-9](?<![A-Za-z0-9_.-][0-9])[0-9]{2}-[0-9]{2}-[0-9]{4}(?![A-Za-z0-9_]|[.-][0-9])",
+    r"[0-9](?<![A-Za-z0-9_.][0-9])(?<![0-9]-[0-9])[0-9]{2}-[0-9]{2}-[0-9]{4}"
+    r"(?![A-Za-z0-9_]|[.-][0-9])",
     re.ASCII,
 )
 
@@ -247,7 +261,7 @@ _PHONE_NA_RE: Final = re.compile(
     re.ASCII,
 )
 _PHONE_NA_PREFIX: Final = re.compile(r"(?<![A-Za-z0-9_.+-])\+?1[ .-]?\Z", re.ASCII)
-_NOT_BEFORE_PHONE: Final = _WORD | frozenset(".+-")
+_NOT_BEFORE_PHONE: Final = _WORD | frozenset(".+")
 
 
 def _find_phones(text: str, digits: int, cluster: bool) -> list[_Span]:
@@ -264,7 +278,10 @@ def _find_phones(text: str, digits: int, cluster: bool) -> list[_Span]:
             prefix = _PHONE_NA_PREFIX.search(text, max(0, start - 3), start)
             if prefix is not None:
                 start = prefix.start()
-            elif start and text[start - 1] in _NOT_BEFORE_PHONE:
+            elif start and (
+                text[start - 1] in _NOT_BEFORE_PHONE
+                or (text[start - 1] == "-" and text[start - 2 : start - 1].isdigit())
+            ):
                 continue
             spans.append((start, end))
     return spans
@@ -378,8 +395,8 @@ _TOKEN_RE: Final = re.compile(
     r"|rk_(?<![A-Za-z0-9_]rk_)(?:live|test)_[A-Za-z0-9]{10,}+(?![A-Za-z0-9_])"
     r"|AIza(?<![A-Za-z0-9_-]AIza)[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-])"
     r"|eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]*+"
-    r"|-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY-----"
-    r"(?:[\s\S]*?-----END[A-Z0-9 ]{0,40}PRIVATE KEY-----|[\s\S]*))",
+    r"|-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+    r"(?:[\s\S]*?-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----|[\s\S]*))",
     re.ASCII,
 )
 _ASSIGNMENT_RE: Final = re.compile(
@@ -445,7 +462,7 @@ _NUMERIC: Final[tuple[tuple[Detector, _NumericFinder], ...]] = (
 class DetectorSet:
     """The content detectors of a session, each with the masker of its strategy."""
 
-    __slots__ = ("_email", "_ipv6", "_maskers", "_numeric", "_secret")
+    __slots__ = ("_email", "_ipv6", "_maskers", "_nulling", "_numeric", "_secret", "_strictness")
 
     def __init__(self, detectors: Iterable[tuple[Detector, Masker]]) -> None:
         chosen: dict[Detector, Masker] = {}
@@ -455,6 +472,8 @@ class DetectorSet:
             if had is None or _STRICTNESS[masker.strategy] > _STRICTNESS[had.strategy]:
                 chosen[d] = masker
         self._maskers = chosen
+        self._strictness = {d: _STRICTNESS[m.strategy] for d, m in chosen.items()}
+        self._nulling = frozenset(d for d, m in chosen.items() if m.strategy is MaskStrategy.NULL)
         self._email = Detector.EMAIL in chosen
         self._numeric = tuple((d, f) for d, f in _NUMERIC if d in chosen)
         self._ipv6 = Detector.IP_ADDRESS in chosen
@@ -472,7 +491,36 @@ class DetectorSet:
         return frozenset(self._maskers)
 
     def find(self, text: str) -> list[Finding]:
-        """The findings in `text`, in order, without overlaps (earliest, then longest, wins)."""
+        """The findings in `text`, in order and without overlaps: of overlapping findings the
+        one that starts first wins, then the longest, then the strictest strategy."""
+        return self._resolve(self._collect(text))
+
+    def scan(self, text: str) -> str | Nullify | None:
+        """The text with every finding replaced by its masker's output; None when nothing was
+        found (the common case, which must be fast: callers pass the original bytes through
+        unchanged); `NULL` when the whole value must become SQL NULL: a detector whose strategy
+        is `null` found something (even where another finding overlaps it), or a masker
+        answered None.
+        """
+        found = self._collect(text)
+        if not found:
+            return None
+        if self._nulling and any(f.detector in self._nulling for f in found):
+            return NULL
+        parts: list[str] = []
+        pos = 0
+        for start, end, detector in self._resolve(found):
+            masked = self._maskers[detector].mask(text[start:end], detector.value)
+            if masked is None:
+                return NULL
+            parts.append(text[pos:start])
+            parts.append(masked)
+            pos = end
+        parts.append(text[pos:])
+        return "".join(parts)
+
+    def _collect(self, text: str) -> list[Finding]:
+        """Every finding of every detector, overlapping or not, in no particular order."""
         found: list[Finding] = []
         if self._email and "@" in text:
             found += [Finding(s, e, Detector.EMAIL) for s, e in _find_emails(text)]
@@ -493,9 +541,13 @@ class DetectorSet:
             spans = _find_secrets(text)
             if spans:
                 found += [Finding(s, e, Detector.SECRET) for s, e in spans]
+        return found
+
+    def _resolve(self, found: list[Finding]) -> list[Finding]:
         if len(found) < 2:
             return found
-        found.sort(key=lambda f: (f.start, -f.end))
+        strictness = self._strictness
+        found.sort(key=lambda f: (f.start, -f.end, -strictness[f.detector]))
         kept: list[Finding] = []
         end = 0
         for f in found:
@@ -503,23 +555,3 @@ class DetectorSet:
                 kept.append(f)
                 end = f.end
         return kept
-
-    def scan(self, text: str) -> str | Nullify | None:
-        """The text with every finding replaced by its masker's output; None when nothing was
-        found (the common case, which must be fast: callers pass the original bytes through
-        unchanged); `NULL` when a finding's masker answers None (the whole value becomes NULL).
-        """
-        findings = self.find(text)
-        if not findings:
-            return None
-        parts: list[str] = []
-        pos = 0
-        for start, end, detector in findings:
-            masked = self._maskers[detector].mask(text[start:end], detector.value)
-            if masked is None:
-                return NULL
-            parts.append(text[pos:start])
-            parts.append(masked)
-            pos = end
-        parts.append(text[pos:])
-        return "".join(parts)

@@ -30,6 +30,11 @@ STRING_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705, 18, JSONB_OID})
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _FIELD_TAIL = struct.Struct("!IhIhih")  # table OID, attnum, type OID, typlen, typmod, format
+_NULL = b"\xff\xff\xff\xff"
+_ROW_HEAD = struct.Struct("!ih")  # a DataRow's length and field count
+_SAME = b""  # sentinel (by identity): the value is not changed
+_MEMO_LIMIT = 4096  # values remembered per column (masked values of repeated inputs)
+_MEMO_VALUE_LIMIT = 256  # bytes: longer values are masked each time
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +81,13 @@ class Rewriter:
 class ResultMask:
     """The columns of one result that change, and how; `row()` rewrites one DataRow."""
 
-    __slots__ = ("_columns", "_encoding", "_rewriter")
+    __slots__ = ("_columns", "_encoding", "_memos", "_rewriter")
 
     def __init__(self, columns: list[_Column], rewriter: Rewriter, encoding: str) -> None:
-        self._columns = columns
+        self._columns = columns  # in column order
         self._rewriter = rewriter
         self._encoding = encoding
+        self._memos: list[dict[bytes, bytes | None]] = [{} for _ in columns]
 
     @classmethod
     def build(
@@ -130,39 +136,75 @@ class ResultMask:
             return None, body
         return cls(columns, rewriter, encoding), bytes(out)
 
-    def row(self, body: bytes) -> bytes:
-        """A DataRow body in, the whole DataRow message out."""
-        (count,) = _I16.unpack_from(body, 0)
-        offsets: list[tuple[int, int]] = []  # (start of the length word, value length)
-        pos = 2
-        for _ in range(count):
-            (n,) = _I32.unpack_from(body, pos)
-            offsets.append((pos, n))
-            pos += 4 + max(n, 0)
-        parts: list[bytes] = []
-        last = 0
-        changed = False
-        rewrite = self._rewriter.value
+    def rows(self, data: bytes) -> bytes:
+        """Whole DataRow messages back to back in, the same rows masked out.
+
+        Only the fields up to the last masked column are walked. Values come out of a
+        per-column memo where they can (strategies and detectors are deterministic), as the
+        field to write, length word included; `_SAME` when the value stays.
+        """
+        unpack = _I32.unpack_from
+        head = _ROW_HEAD.unpack_from
+        columns = self._columns
+        memos = self._memos
         encoding = self._encoding
-        for col in self._columns:
-            if col.index >= count:
-                continue
-            start, n = offsets[col.index]
-            if n < 0:
-                continue  # NULL stays NULL
-            raw = body[start + 4 : start + 4 + n]
-            new = rewrite(col, raw, encoding)
-            if new is raw:
-                continue
-            changed = True
-            parts.append(body[last:start])
-            parts.append(b"\xff\xff\xff\xff" if new is None else _I32.pack(len(new)) + new)
-            last = start + 4 + n
-        if not changed:
-            return b"D" + _I32.pack(len(body) + 4) + body
-        parts.append(body[last:])
-        new_body = b"".join(parts)
-        return b"D" + _I32.pack(len(new_body) + 4) + new_body
+        parts: list[bytes] = []
+        done = 0  # data[done:pos] is unchanged and not yet in parts
+        pos = 0
+        n = len(data)
+        while pos < n:
+            length, count = head(data, pos + 1)
+            end = pos + 1 + length
+            p = pos + 7
+            index = 0
+            kept = pos + 5  # start of this row's body not yet copied
+            row: list[bytes] | None = None
+            for ci, col in enumerate(columns):
+                target = col.index
+                if target >= count:
+                    break
+                while index < target:
+                    (flen,) = unpack(data, p)
+                    p += 4 + (flen if flen > 0 else 0)
+                    index += 1
+                (flen,) = unpack(data, p)
+                index += 1
+                if flen < 0:  # NULL stays NULL
+                    p += 4
+                    continue
+                nxt = p + 4 + flen
+                raw = data[p + 4 : nxt]
+                memo = memos[ci]
+                field = memo.get(raw)
+                if field is None:
+                    field = self._field(col, raw, encoding)
+                    if flen <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
+                        memo[raw] = field
+                if field is not _SAME:
+                    if row is None:
+                        row = []
+                    row.append(data[kept:p])
+                    row.append(field)
+                    kept = nxt
+                p = nxt
+            if row is not None:
+                row.append(data[kept:end])
+                body = b"".join(row)
+                if pos > done:
+                    parts.append(data[done:pos])
+                parts.append(b"D" + _I32.pack(len(body) + 4) + body)
+                done = end
+            pos = end
+        if not parts:
+            return data
+        parts.append(data[done:])
+        return b"".join(parts)
+
+    def _field(self, col: _Column, raw: bytes, encoding: str) -> bytes:
+        new = self._rewriter.value(col, raw, encoding)
+        if new is raw:
+            return _SAME
+        return _NULL if new is None else _I32.pack(len(new)) + new
 
 
 class CopyMask:

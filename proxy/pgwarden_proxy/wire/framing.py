@@ -10,7 +10,7 @@ from the RowDescription on), which is why `feed` is a generator.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 
 _HDR = struct.Struct("!BI")
@@ -37,6 +37,16 @@ class Message:
     row_bytes: int = 0
 
 
+class Rows:
+    """Whole rows (DataRow messages) back to back, for a consumer that rewrites them."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, data: bytes, count: int) -> None:
+        self.data = data
+        self.count = count
+
+
 class Scanner:
     """Splits one direction of a session into `bytes` runs (streamed) and `Message`s.
 
@@ -58,6 +68,7 @@ class Scanner:
         "dropped",
         "row_budget",
         "streamed",
+        "whole_rows",
     )
 
     def __init__(
@@ -80,13 +91,16 @@ class Scanner:
         self.row_budget: int | None = None
         self.dropped = 0
         self._dropping = False  # the streamed message being skipped is dropped, not passed
+        # rows of the counted type arrive as `Rows` of whole messages (masking rewrites them)
+        # instead of byte runs; the consumer may switch this between two yielded items
+        self.whole_rows = False
 
     @property
     def at_boundary(self) -> bool:
         """True when no message is half-way through: a message may be injected here."""
         return not self._partial and not self._skip
 
-    def feed(self, data: bytes) -> Iterator[bytes | Message]:
+    def feed(self, data: bytes) -> Iterator[bytes | Message | Rows]:
         if self._partial:
             data = self._partial + data
             self._partial = b""
@@ -118,6 +132,18 @@ class Scanner:
             if typ in streamed:
                 if length < 4 or length > STREAM_LIMIT:
                     raise ProtocolViolation(f"invalid length {length} for message {chr(typ)!r}")
+                if typ == counted and self.whole_rows:
+                    # rows to rewrite: yielded as Rows, whole messages only
+                    if pos > run_start:
+                        yield data[run_start:pos]
+                    pos = yield from self._whole_rows(data, pos)
+                    run_start = pos
+                    if pos >= n or n - pos < 5:
+                        break
+                    typ, length = unpack(data, pos)
+                    if typ == counted and pos + 1 + length > n:
+                        break  # an incomplete row: kept for the next feed
+                    continue
                 if typ == counted:
                     budget = self.row_budget
                     if budget is not None:
@@ -147,16 +173,6 @@ class Scanner:
             run_start = pos
             if end > n:
                 break
-            if typ == counted:  # a row held whole (masking rewrites it): same budget and count
-                budget = self.row_budget
-                if budget is not None:
-                    if budget <= 0:
-                        self.dropped += 1
-                        pos = run_start = end
-                        continue
-                    self.row_budget = budget - 1
-                self._rows += 1
-                self._row_bytes += length + 1
             msg = Message(typ, data[pos + 5 : end], data[pos:end], self._rows, self._row_bytes)
             self._rows = 0
             self._row_bytes = 0
@@ -168,6 +184,40 @@ class Scanner:
             yield data if run_start == 0 and pos == n else data[run_start:pos]
         if pos < n:
             self._partial = data[pos:]
+
+    def _whole_rows(self, data: bytes, pos: int) -> Generator[Rows, None, int]:
+        """Consecutive complete rows from `pos` as Rows runs (maxRows applied); the end."""
+        n = len(data)
+        unpack = _HDR.unpack_from
+        counted = self._counted
+        start = pos
+        k = 0
+        while n - pos >= 5:
+            typ, length = unpack(data, pos)
+            if typ != counted:
+                break
+            if length < 4 or length > self._max_message:
+                raise ProtocolViolation(f"invalid length {length} for message {chr(typ)!r}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            budget = self.row_budget
+            if budget is not None:
+                if budget <= 0:  # over maxRows: this row is dropped
+                    if pos > start:
+                        yield Rows(data[start:pos], k)
+                    k = 0
+                    self.dropped += 1
+                    pos = start = end
+                    continue
+                self.row_budget = budget - 1
+            k += 1
+            self._row_bytes += length + 1
+            pos = end
+        self._rows += k
+        if pos > start:
+            yield Rows(data[start:pos], k)
+        return pos
 
     def _check_length(self, typ: int, length: int) -> None:
         if length < 4:
