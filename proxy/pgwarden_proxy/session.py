@@ -33,7 +33,7 @@ from pgwarden_proxy.masking.catalog import CatalogError
 from pgwarden_proxy.masking.planner import StatementPlan, fetch_cursor
 from pgwarden_proxy.masking.rows import CopyMask, ResultMask, Rewriter
 from pgwarden_proxy.policy import EffectivePolicy
-from pgwarden_proxy.sql.classify import StatementInfo
+from pgwarden_proxy.sql.classify import StatementInfo, fingerprint
 from pgwarden_proxy.startup import (
     StartupRefused,
     StartupRequest,
@@ -584,8 +584,9 @@ class Session:
             out.append(_POISON_SYNC)
             return None
         if hold is not None:
-            info = next(i for i, op in zip(infos, ops, strict=True) if op.event.decision == "hold")
-            return self._hold(Kind.QUERY, ops, hold, [msg.raw], info, None)
+            # the person approves what will run: every statement of the query string
+            whole = infos[0] if len(infos) == 1 else _whole_query(infos)
+            return self._hold(Kind.QUERY, ops, hold, [msg.raw], whole, None)
         self.tracker.request(Kind.QUERY, ops)
         out.append(msg.raw)
         return None
@@ -701,7 +702,7 @@ class Session:
                 requester=Requester(username=identity.username, groups=sorted(identity.groups)),
                 session_id=self.id,
                 statement=info.text,
-                fingerprint=info.fingerprint or "",
+                fingerprint=info.fingerprint or "-",
                 classes=sorted(info.classes - {StatementClass.UNKNOWN}) or [c],
                 policy=decision.policy or "",
                 expires_at=datetime.now(UTC) + timedelta(seconds=timeout),
@@ -1085,6 +1086,18 @@ class Session:
             )
         )
         log.info("session ended", extra={"session_id": self.id, "reason": self.end_reason})
+
+
+def _whole_query(infos: Sequence[StatementInfo]) -> StatementInfo:
+    """A multi-statement query string as one statement (what an approval request shows)."""
+    text = ";\n".join(i.text for i in infos)
+    return dataclasses.replace(
+        infos[0],
+        text=text,
+        command=", ".join(dict.fromkeys(i.command for i in infos)),
+        classes=frozenset().union(*(i.classes for i in infos)),
+        fingerprint=fingerprint(text),
+    )
 
 
 def new_backend_key() -> tuple[int, int]:

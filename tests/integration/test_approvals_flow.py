@@ -158,3 +158,24 @@ def test_without_a_backend_a_held_class_is_refused(make_proxy: MakeProxy, ledger
     ):
         conn.execute("UPDATE ledger SET amount = 0 WHERE id = 1")
     assert amount(ledger, 1) == 100
+
+
+def test_a_held_query_string_shows_every_statement(
+    make_proxy: MakeProxy, tmp_path: Path, ledger: str
+) -> None:
+    proxy = held_proxy(make_proxy, tmp_path, hold="1s")
+    sql = "SELECT 1; UPDATE ledger SET amount = 1 WHERE id = 1; DELETE FROM ledger WHERE id = 2"
+    with (
+        psycopg.connect(proxy.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="expired"),
+    ):
+        conn.execute(sql)
+    [f] = (tmp_path / "approvals").glob("*.json")
+    spec = json.loads(f.read_text())["spec"]
+    # the approver sees all that would run, not only the first statement that needs approval
+    assert spec["statement"] == (
+        "SELECT 1;\nUPDATE ledger SET amount = 1 WHERE id = 1;\nDELETE FROM ledger WHERE id = 2"
+    )
+    assert "write" in spec["classes"]
+    assert spec["fingerprint"] != "-"
+    assert (amount(ledger, 1), amount(ledger, 2)) == (100, 200)

@@ -894,7 +894,7 @@ def _walk(root: Any, acc: _Acc) -> None:
         extend(obj.values())
 
 
-def _fingerprint(text: str) -> str | None:
+def fingerprint(text: str) -> str | None:
     try:
         return _pg.fingerprint(text)
     except Exception:
@@ -939,7 +939,7 @@ def _statement(text: str, stmt: Any) -> StatementInfo:
         error = f"cannot classify: {type(e).__name__}: {e}"
     return StatementInfo(
         text=text,
-        fingerprint=_fingerprint(text),
+        fingerprint=fingerprint(text),
         command=command,
         classes=frozenset(acc.classes) if acc.classes else _UNKNOWN_ONLY,
         functions=frozenset(functions),
