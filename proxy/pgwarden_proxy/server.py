@@ -191,6 +191,11 @@ class ProxyServer:
         ):
             log.info("cancel request with an unknown key ignored")
             return
+        if session.cancel_hold():
+            log.info(
+                "held statement withdrawn by a cancel request", extra={"session_id": session.id}
+            )
+            return
         up = session.upstream
         if up is None:
             return

@@ -24,7 +24,7 @@ from pgwarden.api.approvals import (
     Requester,
 )
 from pgwarden.api.statements import StatementClass
-from pgwarden_proxy.approvals.backend import ApprovalError
+from pgwarden_proxy.approvals.backend import ApprovalBackend, ApprovalError
 from pgwarden_proxy.auth.oidc import Identity, TokenRejected
 from pgwarden_proxy.decision import Decision
 from pgwarden_proxy.endpoint import ConnectionClosed, Endpoint
@@ -59,6 +59,7 @@ _TOKEN_MESSAGE_LIMIT = 64 * 1024
 _POISON = m.describe_statement("pgwarden.refused")
 _POISON_SYNC = _POISON + m.sync()
 _FLUSH = m.frame(b"H")
+_CANCELED = "canceled by the client"
 _DATAROW, _COPYDATA = ord("D"), ord("d")
 # where one statement's rows end: CommandComplete, PortalSuspended, Error, EmptyQuery, Ready
 _STATEMENT_END = frozenset(b"CsEIZc")
@@ -148,6 +149,8 @@ class Session:
         self._client_items: Iterator[bytes | Message | Rows] | None = None
         self._client_backlog: list[bytes] = []
         self._waiting: asyncio.Task[None] | None = None
+        self._decision: asyncio.Future[ApprovalRequestStatus] | None = None  # a held statement
+        self._hold_canceled = False
         # the result being masked: its rows arrive whole and are rewritten
         self._result_mask: ResultMask | None = None
         self._copy_mask: CopyMask | None = None
@@ -723,14 +726,18 @@ class Session:
                     )
                 )
             )
-            try:
-                status = await backend.wait(name, timeout)
-            except ApprovalError as e:
-                status = ApprovalRequestStatus(state=ApprovalState.EXPIRED, comment=str(e))
+            status = await self._wait_for_decision(backend, name, timeout)
             approval.update(
                 state=status.state.value, decidedBy=status.decided_by, comment=status.comment
             )
-            if status.state is not ApprovalState.APPROVED:
+            if status.comment == _CANCELED and self._hold_canceled:
+                self._hold_canceled = False
+                refusal = m.ErrorInfo(
+                    "57014",
+                    f"canceling statement due to user request (pgwarden: approval request "
+                    f"{name} was withdrawn)",
+                )
+            elif status.state is not ApprovalState.APPROVED:
                 by = f" by {status.decided_by}" if status.decided_by else ""
                 why = f": {status.comment}" if status.comment else ""
                 refusal = m.ErrorInfo(
@@ -764,6 +771,43 @@ class Session:
                 await backend.finish(approval["request"] or "", ApprovalState.EXECUTED)
             except ApprovalError as e:
                 log.warning("approval could not be marked executed", extra={"error": str(e)})
+
+    async def _wait_for_decision(
+        self,
+        backend: ApprovalBackend,
+        name: str,
+        timeout: float,  # noqa: ASYNC109
+    ) -> ApprovalRequestStatus:
+        """The decision; a cancel request from the client withdraws the request (57014), and
+        so does a client that goes away."""
+        waiting = self._decision = asyncio.ensure_future(backend.wait(name, timeout))
+        try:
+            return await waiting
+        except ApprovalError as e:
+            return ApprovalRequestStatus(state=ApprovalState.EXPIRED, comment=str(e))
+        except asyncio.CancelledError:
+            if not self._hold_canceled:
+                await self._withdraw(backend, name, "the client went away")
+                raise
+            await self._withdraw(backend, name, "the client canceled the statement")
+            return ApprovalRequestStatus(state=ApprovalState.EXPIRED, comment=_CANCELED)
+        finally:
+            self._decision = None
+
+    @staticmethod
+    async def _withdraw(backend: ApprovalBackend, name: str, why: str) -> None:
+        try:
+            await asyncio.shield(backend.finish(name, ApprovalState.EXPIRED, f"withdrawn: {why}"))
+        except (ApprovalError, asyncio.CancelledError) as e:
+            log.info("approval request not withdrawn", extra={"request": name, "error": str(e)})
+
+    def cancel_hold(self) -> bool:
+        """A CancelRequest for this session: withdraw a held statement (True if one was held)."""
+        if self._decision is None or self._decision.done():
+            return False
+        self._hold_canceled = True
+        self._decision.cancel()
+        return True
 
     async def _until_idle(self) -> None:
         """Until the server has answered everything before the held statement (a notice may

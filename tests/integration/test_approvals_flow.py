@@ -179,3 +179,21 @@ def test_a_held_query_string_shows_every_statement(
     assert "write" in spec["classes"]
     assert spec["fingerprint"] != "-"
     assert (amount(ledger, 1), amount(ledger, 2)) == (100, 200)
+
+
+def test_cancel_withdraws_a_held_statement(
+    make_proxy: MakeProxy, tmp_path: Path, ledger: str
+) -> None:
+    proxy = held_proxy(make_proxy, tmp_path)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        t, result = run_in_thread(lambda: conn.execute("DELETE FROM ledger WHERE id = 1"))
+        req = pending(tmp_path)
+        conn.cancel_safe()
+        t.join(15)
+        assert isinstance(result[0], psycopg.errors.QueryCanceled), result
+        assert req["name"] in str(result[0])
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (2,)  # usable again
+    state = json.loads((tmp_path / "approvals" / f"{req['name']}.json").read_text())["status"]
+    assert state["state"] == "Expired"
+    assert "withdrawn" in state["comment"]
+    assert amount(ledger, 1) == 100
