@@ -9,9 +9,11 @@
 - otherwise the text with the findings replaced.
 
 Findings never overlap: of overlapping findings the one that starts first wins, then the longest,
-then the strictest strategy (null > redact > hash > partial); the others are dropped, never
-masked twice. A detector named twice keeps its strictest strategy. Matching is ASCII only: other
-scripts' digits are not digits here, and internationalised email addresses are not detected.
+then the strictest strategy (null > redact > hash > partial). The winner is stretched to the end
+of any finding it partly overlaps (`a@b.orgc@d.org` is one finding), so no part of a finding is
+left unmasked and nothing is masked twice. A detector named twice keeps its strictest strategy.
+Matching is ASCII only: other scripts' digits are not digits here, and internationalised email
+addresses are not detected.
 
 Detectors (what counts as a finding):
 
@@ -50,8 +52,10 @@ Detectors (what counts as a finding):
   secret, secret_key, client_secret, api_key, apikey, access_key, private_key, access_token,
   auth_token or refresh_token, possibly prefixed (`DB_PASSWORD=...`, `"password": "..."`,
   `password = '...'`). Of an assignment, URI or Bearer header only the value is the finding.
-  Placeholders are not findings: `null`, `none`, `nil`, `true`, `false`, `undefined`, values
-  starting with `$`, `%`, `{`, `<`, `:` or `?`, and values containing `***` or `redacted`.
+  Placeholders are not findings: `null`, `none`, `nil`, `true`, `false`, `undefined`, the key
+  words themselves, values starting with `$`, `%`, `{`, `<`, `:` or `?`, values containing `***`
+  or `redacted`; nor are unquoted values that read as code (`self._password`, `db.users`,
+  `token_hex(16)`, `db_password`, `_secret`).
   Not detected: SQL `PASSWORD 'x'` without `=`, and free-form secrets without a known shape.
 """
 
@@ -412,12 +416,35 @@ _URI_PASSWORD_RE: Final = re.compile(r"://[^\s:/?#@\[\]]++:(?P<pw>[^\s/?#]+)@", 
 _BEARER_RE: Final = re.compile(
     r"(?<![A-Za-z0-9_])(?i:bearer)[ \t]+(?P<token>[A-Za-z0-9._~+/-]{20,}+=*)", re.ASCII
 )
-_PLACEHOLDERS: Final = frozenset(("null", "none", "true", "false", "nil", "undefined"))
+_PLACEHOLDERS: Final = frozenset(
+    ("null", "none", "true", "false", "nil", "undefined", "password", "passwd", "secret")
+)
+# Unquoted values that read as code rather than a literal: `self._password`, `db.users`,
+# `secrets.token_hex(16)`, `config["password"]`, `db_password`, `_secret`.
+_CODE_VALUE: Final = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+"
+    r"|_[A-Za-z0-9_]*|[A-Za-z0-9_]*_(?i:password|passwd|secret|key|token)",
+    re.ASCII,
+)
 
 
 def _placeholder(value: str) -> bool:
     low = value.lower()
     return low in _PLACEHOLDERS or value[0] in "$%{<:?" or "***" in value or "redacted" in low
+
+
+def _assigned_value(text: str, m: re.Match[str]) -> _Span | None:
+    """The span of an assignment's value, or None for a placeholder or a code expression."""
+    group = m.lastgroup
+    if group is None:
+        return None
+    value = m.group(group)
+    if _placeholder(value):
+        return None
+    start, end = m.span(group)
+    if group == "bare" and (text[end : end + 1] in ("(", "[") or _CODE_VALUE.fullmatch(value)):
+        return None
+    return start, end
 
 
 def _find_secrets(text: str) -> list[_Span]:
@@ -436,11 +463,13 @@ def _find_secrets(text: str) -> list[_Span]:
         low = text.lower()
         if "pass" in low or "secret" in low or "key" in low or "token" in low:
             for m in _ASSIGNMENT_RE.finditer(text):
-                group = m.lastgroup
-                if group is not None and not _placeholder(m.group(group)):
-                    spans.append(m.span(group))
+                span = _assigned_value(text, m)
+                if span is not None:
+                    spans.append(span)
         if "://" in text:
-            spans.extend(m.span("pw") for m in _URI_PASSWORD_RE.finditer(text))
+            spans.extend(
+                m.span("pw") for m in _URI_PASSWORD_RE.finditer(text) if not _placeholder(m["pw"])
+            )
     if "earer" in text or "EARER" in text:
         spans.extend(m.span("token") for m in _BEARER_RE.finditer(text))
     return spans
@@ -492,7 +521,8 @@ class DetectorSet:
 
     def find(self, text: str) -> list[Finding]:
         """The findings in `text`, in order and without overlaps: of overlapping findings the
-        one that starts first wins, then the longest, then the strictest strategy."""
+        one that starts first wins, then the longest, then the strictest strategy, and it is
+        stretched over the others' ends."""
         return self._resolve(self._collect(text))
 
     def scan(self, text: str) -> str | Nullify | None:
@@ -549,9 +579,9 @@ class DetectorSet:
         strictness = self._strictness
         found.sort(key=lambda f: (f.start, -f.end, -strictness[f.detector]))
         kept: list[Finding] = []
-        end = 0
         for f in found:
-            if f.start >= end:
+            if not kept or f.start >= kept[-1].end:
                 kept.append(f)
-                end = f.end
+            elif f.end > kept[-1].end:  # stretch the winner: leave no part of a finding bare
+                kept[-1] = kept[-1]._replace(end=f.end)
         return kept

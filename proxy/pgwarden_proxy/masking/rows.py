@@ -16,11 +16,12 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pgwarden.api.policy import MaskStrategy
 from pgwarden_proxy.masking.catalog import Catalog
 from pgwarden_proxy.masking.detectors import NULL, DetectorSet
 from pgwarden_proxy.masking.planner import StatementPlan, column_rule
 from pgwarden_proxy.masking.rules import ColumnRule, MaskRules, strongest
-from pgwarden_proxy.masking.strategies import Masker
+from pgwarden_proxy.masking.strategies import REDACTED, Masker
 
 TEXT_OID = 25
 JSONB_OID = 3802
@@ -78,16 +79,31 @@ class Rewriter:
         return raw[:1] + new if col.jsonb_binary else new
 
 
+def _constant_field(col: _Column) -> bytes | None:
+    """The field a value becomes when the strategy ignores the value (redact, null)."""
+    if col.masker is None:
+        return None
+    if col.masker.strategy is MaskStrategy.NULL:
+        return _NULL
+    if col.masker.strategy is MaskStrategy.REDACT:
+        marker = REDACTED.encode()
+        return _I32.pack(len(marker)) + marker
+    return None
+
+
 class ResultMask:
     """The columns of one result that change, and how; `row()` rewrites one DataRow."""
 
-    __slots__ = ("_columns", "_encoding", "_memos", "_rewriter")
+    __slots__ = ("_encoding", "_plan", "_rewriter")
 
     def __init__(self, columns: list[_Column], rewriter: Rewriter, encoding: str) -> None:
-        self._columns = columns  # in column order
         self._rewriter = rewriter
         self._encoding = encoding
-        self._memos: list[dict[bytes, bytes | None]] = [{} for _ in columns]
+        # per column, in column order: its index, its memo of masked fields, the column, and
+        # the field every value becomes when that does not depend on the value (redact, null)
+        self._plan: list[tuple[int, dict[bytes, bytes], _Column, bytes | None]] = [
+            (c.index, {}, c, _constant_field(c)) for c in columns
+        ]
 
     @classmethod
     def build(
@@ -145,8 +161,8 @@ class ResultMask:
         """
         unpack = _I32.unpack_from
         head = _ROW_HEAD.unpack_from
-        columns = self._columns
-        memos = self._memos
+        pack = _I32.pack
+        plan = self._plan  # (column index, memo, column) in column order
         encoding = self._encoding
         parts: list[bytes] = []
         done = 0  # data[done:pos] is unchanged and not yet in parts
@@ -158,9 +174,8 @@ class ResultMask:
             p = pos + 7
             index = 0
             kept = pos + 5  # start of this row's body not yet copied
-            row: list[bytes] | None = None
-            for ci, col in enumerate(columns):
-                target = col.index
+            at = -1  # where this row's header goes in parts, once a field changes
+            for target, memo, col, const in plan:
                 if target >= count:
                     break
                 while index < target:
@@ -173,26 +188,29 @@ class ResultMask:
                     p += 4
                     continue
                 nxt = p + 4 + flen
-                raw = data[p + 4 : nxt]
-                memo = memos[ci]
-                field = memo.get(raw)
-                if field is None:
-                    field = self._field(col, raw, encoding)
-                    if flen <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
-                        memo[raw] = field
+                if const is not None:
+                    field = const
+                else:
+                    raw = data[p + 4 : nxt]
+                    field = memo.get(raw)  # type: ignore[assignment]
+                    if field is None:
+                        field = self._field(col, raw, encoding)
+                        if flen <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
+                            memo[raw] = field
                 if field is not _SAME:
-                    if row is None:
-                        row = []
-                    row.append(data[kept:p])
-                    row.append(field)
+                    if at < 0:
+                        if pos > done:
+                            parts.append(data[done:pos])
+                        at = len(parts)
+                        parts.append(_SAME)  # the header, once the length is known
+                    parts.append(data[kept:p])
+                    parts.append(field)
+                    length += len(field) - (nxt - p)
                     kept = nxt
                 p = nxt
-            if row is not None:
-                row.append(data[kept:end])
-                body = b"".join(row)
-                if pos > done:
-                    parts.append(data[done:pos])
-                parts.append(b"D" + _I32.pack(len(body) + 4) + body)
+            if at >= 0:
+                parts.append(data[kept:end])
+                parts[at] = b"D" + pack(length)
                 done = end
             pos = end
         if not parts:

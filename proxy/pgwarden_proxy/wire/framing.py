@@ -190,31 +190,36 @@ class Scanner:
         n = len(data)
         unpack = _HDR.unpack_from
         counted = self._counted
+        limit = self._max_message
+        budget = self.row_budget  # kept in a local: this loop runs once per row
         start = pos
         k = 0
+        row_bytes = 0
         while n - pos >= 5:
             typ, length = unpack(data, pos)
             if typ != counted:
                 break
-            if length < 4 or length > self._max_message:
+            if length < 4 or length > limit:
                 raise ProtocolViolation(f"invalid length {length} for message {chr(typ)!r}")
             end = pos + 1 + length
             if end > n:
                 break
-            budget = self.row_budget
             if budget is not None:
                 if budget <= 0:  # over maxRows: this row is dropped
                     if pos > start:
+                        self._rows += k
                         yield Rows(data[start:pos], k)
                     k = 0
                     self.dropped += 1
                     pos = start = end
                     continue
-                self.row_budget = budget - 1
+                budget -= 1
             k += 1
-            self._row_bytes += length + 1
+            row_bytes += length + 1
             pos = end
+        self.row_budget = budget
         self._rows += k
+        self._row_bytes += row_bytes
         if pos > start:
             yield Rows(data[start:pos], k)
         return pos
