@@ -36,6 +36,7 @@ def run(scanner: Scanner, parts: list[bytes]) -> tuple[bytes, list[Message]]:
                 msgs.append(item)
                 passed.append(item.raw)
             else:
+                assert isinstance(item, bytes)  # no Rows: whole_rows is off
                 passed.append(item)
     return b"".join(passed), msgs
 

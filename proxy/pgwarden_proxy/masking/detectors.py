@@ -78,10 +78,12 @@ class Nullify(enum.Enum):
 
 
 NULL: Final = Nullify.NULL
-"""`scan` answers this when a finding's masker answers None (strategy `null`)."""
+"""`scan` answers this when the whole value must become SQL NULL (a `null` strategy fired)."""
 
 
 class Finding(NamedTuple):
+    """`text[start:end]` is personal data or a secret of the kind `detector`."""
+
     start: int
     end: int
     detector: Detector
@@ -130,22 +132,27 @@ def _local_length(backwards: str) -> int:
 
 def _find_emails(text: str) -> list[_Span]:
     spans: list[_Span] = []
-    for m in _EMAIL_DOMAIN_RE.finditer(text):
-        at, end = m.span()
+    at = text.find("@")
+    while at >= 0:
+        m = _EMAIL_DOMAIN_RE.match(text, at)
+        if m is None:
+            at = text.find("@", at + 1)
+            continue
+        end = m.end()
+        at_next = text.find("@", end)
         # The local part, read backwards from the `@`.
         start = at - _local_length(text[max(0, at - 64) : at][::-1])
         while start and text[start - 1] in _LOCAL:  # longer than 64 characters
             start -= 1
         local = text[start:at].lstrip(".")
-        if not local.strip("._%+-"):
-            continue
         start = at - len(local)
         # `scheme://user:password@host` holds a password, not an email address.
-        if text[start - 1 : start] == ":" and _URI_USER_BEFORE.search(
-            text, max(0, start - 256), start - 1
+        if local.strip("._%+-") and not (
+            text[start - 1 : start] == ":"
+            and _URI_USER_BEFORE.search(text, max(0, start - 256), start - 1)
         ):
-            continue
-        spans.append((start, end))
+            spans.append((start, end))
+        at = at_next
     return spans
 
 
