@@ -24,7 +24,7 @@ from pgwarden.api.approvals import (
     Requester,
 )
 from pgwarden.api.statements import StatementClass
-from pgwarden_proxy.approvals.backend import ApprovalBackend, ApprovalError
+from pgwarden_proxy.approvals.backend import ApprovalBackend, ApprovalError, same_person
 from pgwarden_proxy.auth.oidc import Identity, TokenRejected
 from pgwarden_proxy.decision import Decision
 from pgwarden_proxy.endpoint import ConnectionClosed, Endpoint
@@ -747,6 +747,15 @@ class Session:
                     hint="change the statement or ask the approver; an approval covers one "
                     "execution of one statement",
                 )
+            elif not status.decided_by or same_person(status.decided_by, identity.username):
+                # whoever can write the backend's store could forge this: four eyes, again
+                refusal = m.ErrorInfo(
+                    "42501",
+                    f"pgwarden: {info.command} was not run: approval request {name} was "
+                    "approved without a second person (decidedBy is empty or the requester)",
+                    hint="ask another person to approve the request",
+                )
+                approval["state"] = "Invalid"
         for op in ops:
             op.event.approval = approval or None
         if self.client.closed:

@@ -197,3 +197,20 @@ def test_cancel_withdraws_a_held_statement(
     assert state["state"] == "Expired"
     assert "withdrawn" in state["comment"]
     assert amount(ledger, 1) == 100
+
+
+def test_an_approval_without_a_second_person_is_not_honoured(
+    make_proxy: MakeProxy, tmp_path: Path, ledger: str
+) -> None:
+    proxy = held_proxy(make_proxy, tmp_path)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        t, result = run_in_thread(lambda: conn.execute("DELETE FROM ledger WHERE id = 1"))
+        req = pending(tmp_path)
+        # someone with write access to the store forges an approval by the requester
+        path = tmp_path / "approvals" / f"{req['name']}.json"
+        req["status"].update(state="Approved", decidedBy="agent@example.com")
+        path.write_text(json.dumps(req))
+        t.join(15)
+        assert isinstance(result[0], psycopg.errors.InsufficientPrivilege), result
+        assert "without a second person" in str(result[0])
+    assert amount(ledger, 1) == 100
