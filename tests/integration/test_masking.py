@@ -290,3 +290,11 @@ def test_hash_is_stable_and_null_is_null(make_proxy: MakeProxy, shop: None) -> N
     assert first[0][0] != first[1][0]
     assert [r[1] for r in first] == [None, None]
     assert not leaks(first)
+
+
+def test_unqualified_names_through_the_search_path(masked: RunningProxy) -> None:
+    with psycopg.connect(masked.dsn(), autocommit=True) as conn:
+        conn.execute("SET search_path TO shop, public")
+        rows = conn.execute("SELECT upper(email), ssn, name FROM customers ORDER BY id").fetchall()
+    assert [r[2] for r in rows] == ["Alice", "Bob"]
+    assert not leaks([str(v).lower() for r in rows for v in r])

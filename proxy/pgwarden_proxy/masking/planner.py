@@ -163,7 +163,11 @@ class Planner:
         for r in relations:
             schema.setdefault(r.schema, {})[r.name] = r.live_columns
         try:
-            result = lineage(sql, schema)
+            # The session's search_path is not known here: every schema holding a named
+            # relation is searched (public first). Where a name is ambiguous, `_rule` takes the
+            # strongest rule of all its schemas, so the guess can over-mask, never leak.
+            others = sorted(schema.keys() - {"public", "pg_catalog"})
+            result = lineage(sql, schema, ("pg_catalog", "public", *others))
         except LineageUnknown as e:
             return StatementPlan(
                 refusal=f"{info.command or 'this statement'} reads {', '.join(masked)}, which "
