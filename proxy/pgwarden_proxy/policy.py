@@ -174,6 +174,8 @@ class EffectivePolicy:
             or bool(self.deny)
             or bool(self.deny_functions)
             or self.max_rows is not None
+            or bool(self.approvals)
+            or bool(self.masking)
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -521,12 +521,13 @@ class Session:
         r = m.Reader(msg.body)
         name = r.cstring()
         text = self._decode(r.body[r.pos : r.body.find(b"\x00", r.pos)])
-        infos = self.server.analyzer.analyze(text) or (
+        infos = tuple(self._resolve_sql_prepare(i) for i in self.server.analyzer.analyze(text)) or (
             dataclasses.replace(_UNKNOWN_STATEMENT, text=text, command="EMPTY"),
         )
         plans = self._plans(infos)
         if plans is None:
             return self._after(self._prepare_plans(infos), msg)
+        plans = [self._session_plan(i, p) for i, p in zip(infos, plans, strict=True)]
         self._prepared[name] = _Prepared(infos, m.parse_param_types(msg.body), plans)
         self.tracker.request(Kind.PARSE)
         out.append(msg.raw)

@@ -214,3 +214,39 @@ def test_an_approval_without_a_second_person_is_not_honoured(
         assert isinstance(result[0], psycopg.errors.InsufficientPrivilege), result
         assert "without a second person" in str(result[0])
     assert amount(ledger, 1) == 100
+
+
+def test_sql_prepare_and_its_execute_are_both_held(
+    make_proxy: MakeProxy, tmp_path: Path, ledger: str
+) -> None:
+    proxy = held_proxy(make_proxy, tmp_path)
+    stop = threading.Event()
+    seen: list[dict[str, Any]] = []
+
+    def approver() -> None:
+        while not stop.is_set():
+            for f in sorted((tmp_path / "approvals").glob("*.json")):
+                req = json.loads(f.read_text())
+                if req["status"]["state"] == "Pending":
+                    seen.append(req["spec"])
+                    cli(["approvals", "approve", req["name"], "--dir", str(tmp_path / "approvals"),
+                         "--by", "bob@example.com"])  # fmt: skip
+            time.sleep(0.05)
+
+    t = threading.Thread(target=approver)
+    t.start()
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            conn.execute("PREPARE p AS DELETE FROM ledger WHERE id = 2")
+            assert amount(ledger, 2) == 200  # prepared, not run
+            conn.execute("EXECUTE p")  # a Parse of "EXECUTE p" (psycopg: extended protocol)
+    finally:
+        stop.set()
+        t.join(10)
+    assert [s["statement"] for s in seen] == [
+        "PREPARE p AS DELETE FROM ledger WHERE id = 2",
+        "EXECUTE p",
+    ]
+    assert "write" in seen[1]["classes"]  # EXECUTE takes the classes recorded at PREPARE
+    with pytest.raises(AssertionError):
+        amount(ledger, 2)  # the row is gone
