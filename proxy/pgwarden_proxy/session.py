@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -60,6 +60,9 @@ _POISON = m.describe_statement("pgwarden.refused")
 _POISON_SYNC = _POISON + m.sync()
 _FLUSH = m.frame(b"H")
 _CANCELED = "canceled by the client"
+# Settings that change how SQL is read. The statements after one are read only once the server
+# has answered it: its ParameterStatus may end the session first (see startup.parsing_hazard).
+_PARSER_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding", "*"})
 _DATAROW, _COPYDATA = ord("D"), ord("d")
 # where one statement's rows end: CommandComplete, PortalSuspended, Error, EmptyQuery, Ready
 _STATEMENT_END = frozenset(b"CsEIZc")
@@ -139,10 +142,10 @@ class Session:
         self._terminating: m.ErrorInfo | None = None
         self._terminate_when_idle = False
         self._expiry_timer: asyncio.TimerHandle | None = None
+        # prepared statements by name, as the server has them: protocol Parse and SQL PREPARE
+        # share one namespace there, and so they do here
         self._prepared: dict[str, _Prepared] = {}
         self._portals: dict[str, _Portal] = {}
-        self._sql_prepared: dict[str, StatementInfo] = {}
-        self._sql_prepared_plans: dict[str, StatementPlan] = {}
         self._cursor_plans: dict[str, StatementPlan] = {}
         # client input while a message waits (approval, catalog): the scanner's items in
         # progress, and data that arrived meanwhile
@@ -458,7 +461,7 @@ class Session:
                     reason=f"internal error: {e!r}",
                 )
                 return
-            if self.client.closed:
+            if self.client.closed or self._terminating is not None:
                 return
             self.client.release()
             self._pump_client()
@@ -503,8 +506,12 @@ class Session:
         elif t == 67:  # C Close
             r = m.Reader(msg.body)
             what, name = r.raw(1), r.cstring()
-            (self._prepared if what == b"S" else self._portals).pop(name, None)
-            self.tracker.request(Kind.CLOSE)
+            undo = None
+            if what == b"S":
+                undo = self._forget(name)
+            else:
+                self._portals.pop(name, None)
+            self.tracker.request(Kind.CLOSE, undo=undo)
         elif t in (72, 99, 102):  # H Flush, c CopyDone, f CopyFail
             pass
         elif t == 88:  # X Terminate
@@ -521,15 +528,18 @@ class Session:
         r = m.Reader(msg.body)
         name = r.cstring()
         text = self._decode(r.body[r.pos : r.body.find(b"\x00", r.pos)])
-        infos = tuple(self._resolve_sql_prepare(i) for i in self.server.analyzer.analyze(text)) or (
+        infos = tuple(self._resolve(i) for i in self.server.analyzer.analyze(text)) or (
             dataclasses.replace(_UNKNOWN_STATEMENT, text=text, command="EMPTY"),
         )
         plans = self._plans(infos)
         if plans is None:
             return self._after(self._prepare_plans(infos), msg)
         plans = [self._session_plan(i, p) for i, p in zip(infos, plans, strict=True)]
-        self._prepared[name] = _Prepared(infos, m.parse_param_types(msg.body), plans)
-        self.tracker.request(Kind.PARSE)
+        undo = None
+        if not name or name not in self._prepared:  # a named one that exists: the server
+            # refuses to redefine it (42P05) and keeps the old one, and so does the proxy
+            undo = self._define(name, _Prepared(infos, m.parse_param_types(msg.body), plans))
+        self.tracker.request(Kind.PARSE, undo=undo)
         out.append(msg.raw)
         return None
 
@@ -546,6 +556,7 @@ class Session:
             self.tracker.request(Kind.EXECUTE, [op], refusal=decision.error)
             out.append(_POISON)
             return None
+        op.undo = self._record(info, plan)
         forward: list[bytes] = []
         if self.policy.masking and described != name:
             # the rows' columns decide what is masked: ask for them (unless the client just
@@ -555,6 +566,8 @@ class Session:
         if decision.hold is not None:
             return self._hold(Kind.EXECUTE, [op], decision, forward, info, params)
         self._send_execute(op, forward, out)
+        if _PARSER_SETTINGS & info.settings:
+            return self._until_idle()
         return None
 
     def _send_execute(self, op: Op, forward: list[bytes], out: list[bytes]) -> None:
@@ -565,15 +578,19 @@ class Session:
 
     def _query(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
         text = self._decode(msg.body[:-1])
-        infos = [self._resolve_sql_prepare(i) for i in self.server.analyzer.analyze(text)]
+        infos = list(self.server.analyzer.analyze(text))
         plans = self._plans(infos)
         if plans is None:
             return self._after(self._prepare_plans(infos), msg)
         ops: list[Op] = []
         refusal: Decision | None = None
         hold: Decision | None = None
-        for info, plan in zip(infos, plans, strict=True):
-            op, decision = self._decide(info, None, "simple", self._session_plan(info, plan))
+        for i, (info, plan) in enumerate(zip(infos, plans, strict=True)):
+            # in order: an EXECUTE sees a PREPARE earlier in the same string
+            info = infos[i] = self._resolve(info)
+            plan = self._session_plan(info, plan)
+            op, decision = self._decide(info, None, "simple", plan)
+            op.undo = self._record(info, plan)
             ops.append(op)
             if not decision.allowed and refusal is None:
                 refusal = decision
@@ -593,18 +610,61 @@ class Session:
             return self._hold(Kind.QUERY, ops, hold, [msg.raw], whole, None)
         self.tracker.request(Kind.QUERY, ops)
         out.append(msg.raw)
+        if any(_PARSER_SETTINGS & i.settings for i in infos):
+            return self._until_idle()
         return None
 
-    def _resolve_sql_prepare(self, info: StatementInfo) -> StatementInfo:
-        """SQL-level PREPARE/EXECUTE: an EXECUTE takes the classes recorded at PREPARE."""
-        if info.prepares:
-            self._sql_prepared[info.prepares] = info
-        elif info.executes:
-            prepared = self._sql_prepared.get(info.executes)
+    # ------------------------------------------------------------------ prepared statements
+    def _resolve(self, info: StatementInfo) -> StatementInfo:
+        """SQL EXECUTE takes the classes of the statement it runs (PREPAREd or Parsed)."""
+        if info.executes:
+            prepared = self._prepared.get(info.executes)
             if prepared is not None:
                 known = info.classes - {StatementClass.UNKNOWN}
-                return dataclasses.replace(info, classes=known | prepared.classes)
+                classes = frozenset().union(known, *(i.classes for i in prepared.infos))
+                return dataclasses.replace(info, classes=classes)
         return info
+
+    def _record(self, info: StatementInfo, plan: StatementPlan | None) -> Callable[[], None] | None:
+        """What a statement does to the prepared statements; returns how to revert it."""
+        if info.prepares is not None:
+            if info.prepares in self._prepared:
+                return None  # the server refuses to redefine it (42P05) and keeps the old one
+            return self._define(info.prepares, _Prepared((info,), (), [plan]))
+        if info.deallocates == "*":
+            saved = self._prepared
+            self._prepared = {}
+
+            def restore() -> None:
+                self._prepared = {**saved, **self._prepared}
+
+            return restore
+        if info.deallocates is not None:
+            return self._forget(info.deallocates)
+        return None
+
+    def _define(self, name: str, entry: _Prepared) -> Callable[[], None]:
+        before = self._prepared.get(name)
+        self._prepared[name] = entry
+
+        def undo() -> None:
+            if self._prepared.get(name) is entry:
+                if before is None:
+                    del self._prepared[name]
+                else:
+                    self._prepared[name] = before
+
+        return undo
+
+    def _forget(self, name: str) -> Callable[[], None] | None:
+        before = self._prepared.pop(name, None)
+        if before is None:
+            return None
+
+        def undo() -> None:
+            self._prepared.setdefault(name, before)
+
+        return undo
 
     # ------------------------------------------------------------------ masking plans
     def _plans(self, infos: Sequence[StatementInfo]) -> list[StatementPlan | None] | None:
@@ -664,12 +724,11 @@ class Session:
         """Cursors and SQL-level prepared statements: FETCH and EXECUTE take the stored plan."""
         if plan is not None and plan.cursor is not None:
             self._cursor_plans[plan.cursor] = plan
-        elif plan is not None and plan.prepared is not None:
-            self._sql_prepared_plans[plan.prepared] = plan
         elif info.command in ("FETCH", "MOVE") and self.policy.masking:
             return self._cursor_plans.get(fetch_cursor(info) or "")
         elif info.executes and self.policy.masking:
-            return self._sql_prepared_plans.get(info.executes)
+            prepared = self._prepared.get(info.executes)
+            return prepared.plans[0] if prepared is not None else None
         return plan
 
     # ------------------------------------------------------------------ approvals
@@ -820,8 +879,8 @@ class Session:
         return True
 
     async def _until_idle(self) -> None:
-        """Until the server has answered everything before the held statement (a notice may
-        then be sent without cutting into another message)."""
+        """Until the server has answered everything sent so far: a notice may then be sent
+        without cutting into another message, and settings the server reports are known."""
         assert self.upstream is not None
         # the server holds extended-protocol answers until Sync or Flush: ask for them now
         self.upstream.endpoint.write(_FLUSH)

@@ -51,6 +51,9 @@ class Op:
     event: StatementEvent
     t0: float = 0.0  # perf_counter at start
     plan: StatementPlan | None = None  # how its results are masked (None: no masking)
+    # reverts what the proxy recorded for this statement (PREPARE, DEALLOCATE) when it fails
+    # or never runs, so the proxy's idea of the session follows the server's
+    undo: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -62,6 +65,7 @@ class Pending:
     got_parameter_description: bool = False
     plan: StatementPlan | None = None  # Describe: the masking plan of what is described
     internal: bool = False  # our own Describe (masking needs the columns): its answer is ours
+    undo: Callable[[], None] | None = None  # Parse, Close: reverted if the server skips or fails it
 
     @property
     def op(self) -> Op | None:
@@ -96,8 +100,9 @@ class Tracker:
         *,
         plan: StatementPlan | None = None,
         internal: bool = False,
+        undo: Callable[[], None] | None = None,
     ) -> None:
-        p = Pending(kind, ops or [], refusal=refusal, plan=plan, internal=internal)
+        p = Pending(kind, ops or [], refusal=refusal, plan=plan, internal=internal, undo=undo)
         if p.ops:
             # a pipelined statement's clock starts when it is sent, queueing included
             p.ops[0].t0 = time.perf_counter()
@@ -145,6 +150,18 @@ class Tracker:
         # anything else (copy responses, notices, ...) needs no bookkeeping
         return msg.raw
 
+    @staticmethod
+    def _undo(dropped: list[Pending]) -> None:
+        """Requests the server failed or skipped: revert what the proxy recorded for them,
+        newest first."""
+        undos: list[Callable[[], None]] = []
+        for p in dropped:
+            if p.undo is not None:
+                undos.append(p.undo)
+            undos.extend(op.undo for op in p.ops[p.index :] if op.undo is not None)
+        for undo in reversed(undos):
+            undo()
+
     def _pop(self, head: Pending, kind: Kind) -> None:
         if head.kind is kind:
             self.pending.popleft()
@@ -154,6 +171,8 @@ class Tracker:
             )
 
     def _finish(self, op: Op, tag: str | None, error: ErrorInfo | None) -> None:
+        if error is not None and op.undo is not None:
+            op.undo()
         ev = op.event
         ev.duration_ms = (time.perf_counter() - op.t0) * 1000.0
         if tag is not None:
@@ -181,23 +200,34 @@ class Tracker:
         op = head.op
         if op is not None:
             self._finish(op, None, info)
-            head.index = len(head.ops)  # a failed query runs none of its later statements
+            head.index += 1
+        self._undo([head])  # a failed query runs none of its later statements
+        head.index = len(head.ops)
         if head.kind not in _SIMPLE:
             # extended protocol: the server now skips everything up to the next Sync. An error
             # at Parse or Bind (a syntax error, a constant folded to 1/0) belongs to the
             # statement whose Execute comes next: record it there, or it would vanish.
             charged = op is not None
+            dropped: list[Pending] = []
             while self.pending and self.pending[0].kind is not Kind.SYNC:
                 p = self.pending.popleft()
+                if p is head:
+                    continue
                 if not charged and p.kind is Kind.EXECUTE and p.op is not None:
                     self._finish(p.op, None, info)
+                    p.index = 1
                     charged = True
+                dropped.append(p)
+            self._undo(dropped)
 
     def _ready(self) -> None:
+        dropped: list[Pending] = []
         while self.pending:
             p = self.pending.popleft()
             if p.kind in _SIMPLE:
-                return
+                break
+            dropped.append(p)  # never answered: the server skipped it
+        self._undo(dropped)
 
     def _refused(self, head: Pending, msg: Message) -> bytes | None:
         """The server is answering our stand-in request: swap its error for our refusal."""
@@ -209,9 +239,14 @@ class Tracker:
                 self._finish(op, None, refusal)
             head.index = len(head.ops)
             head.refusal = None
+            self._undo([head])
             if head.kind not in _SIMPLE:
+                dropped: list[Pending] = []
                 while self.pending and self.pending[0].kind is not Kind.SYNC:
-                    self.pending.popleft()
+                    p = self.pending.popleft()
+                    if p is not head:
+                        dropped.append(p)
+                self._undo(dropped)
             return refusal.encode()
         if t == 90:
             self.transaction_status = msg.body[:1]

@@ -135,6 +135,7 @@ class StatementInfo:
     executes: str | None  # EXECUTE name: the session substitutes the classes recorded at PREPARE
     error: str | None  # the parser's message when unparseable
     settings: frozenset[str] = _NOTHING  # lower-case parameter names touched; "*" = unknown/all
+    deallocates: str | None = None  # DEALLOCATE name; "*" for DEALLOCATE ALL and DISCARD ALL
 
 
 # --- function calls ------------------------------------------------------------------------------
@@ -921,6 +922,7 @@ def _statement(text: str, stmt: Any) -> StatementInfo:
     acc = _Acc(functions, relations)
     command = "UNKNOWN"
     prepares: str | None = None
+    deallocates: str | None = None
     error: str | None = None
     try:
         if type(stmt) is not dict or len(stmt) != 1:
@@ -930,6 +932,10 @@ def _statement(text: str, stmt: Any) -> StatementInfo:
             command, child = _visit(key, node, acc)
             if key == "PrepareStmt":
                 prepares = str(node.get("name", ""))
+            elif key == "DeallocateStmt":
+                deallocates = str(node.get("name") or "*")
+            elif key == "DiscardStmt" and node.get("target") == "DISCARD_ALL":
+                deallocates = "*"
         else:
             acc.classes.add(_UNKNOWN)
             child = acc
@@ -948,6 +954,7 @@ def _statement(text: str, stmt: Any) -> StatementInfo:
         executes=acc.executes,
         error=error,
         settings=frozenset(acc.settings) if acc.settings else _NOTHING,
+        deallocates=deallocates,
     )
 
 
