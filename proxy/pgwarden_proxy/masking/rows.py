@@ -33,6 +33,7 @@ _I32 = struct.Struct("!i")
 _FIELD_TAIL = struct.Struct("!IhIhih")  # table OID, attnum, type OID, typlen, typmod, format
 _NULL = b"\xff\xff\xff\xff"
 _ROW_HEAD = struct.Struct("!ih")  # a DataRow's length and field count
+_MESSAGE_HEAD = struct.Struct("!ci")
 _SAME = b""  # sentinel (by identity): the value is not changed
 _MEMO_LIMIT = 4096  # values remembered per column (masked values of repeated inputs)
 _MEMO_VALUE_LIMIT = 256  # bytes: longer values are masked each time
@@ -161,7 +162,7 @@ class ResultMask:
         """
         unpack = _I32.unpack_from
         head = _ROW_HEAD.unpack_from
-        pack = _I32.pack
+        pack_head = _MESSAGE_HEAD.pack
         plan = self._plan  # (column index, memo, column) in column order
         encoding = self._encoding
         parts: list[bytes] = []
@@ -210,7 +211,7 @@ class ResultMask:
                 p = nxt
             if at >= 0:
                 parts.append(data[kept:end])
-                parts[at] = b"D" + pack(length)
+                parts[at] = pack_head(b"D", length)
                 done = end
             pos = end
         if not parts:
