@@ -445,7 +445,6 @@ UNQUALIFIED_CASES = [
         (
             "merge-on-true",
             "MERGE INTO guard.t t USING (SELECT 1) s ON true WHEN MATCHED THEN DELETE",
-            {"gap": "MERGE is never unqualified; ON true WHEN MATCHED THEN DELETE hits every row"},
         ),
     ),
     case(
@@ -767,21 +766,12 @@ SETTINGS_CASES = cases_of(
     (
         "update-pg-settings",
         "UPDATE pg_settings SET setting = '1MB' WHERE name = 'work_mem'",
-        {
-            "ro": C.WRITE.value,
-            "writes": True,
-            "gap": "UPDATE pg_settings is SET (its rule calls set_config), but it is only write",
-            "gap_in": (DENY, WRITES),
-        },
+        {"ro": FIXED, "writes": True},
     ),
     (
         "update-pg-settings-read-only",
         "UPDATE pg_settings SET setting = 'off' WHERE name = 'default_transaction_read_only'",
-        {
-            "ro": C.WRITE.value,
-            "gap": "UPDATE pg_settings is SET (its rule calls set_config), but it is only write",
-            "gap_in": (DENY,),
-        },
+        {"ro": FIXED},
     ),
 )
 
@@ -834,7 +824,6 @@ PROCEDURAL_CASES = cases_of(
         "ts-rewrite-runs-sql",
         "SELECT ts_rewrite('a'::tsquery, "
         "'SELECT ''a''::tsquery, ''b''::tsquery WHERE pg_terminate_backend(@VICTIM@, 5000)')",
-        {"gap": "ts_rewrite(tsquery, text) runs the SQL in its text argument (like ts_stat)"},
     ),
     (
         "user-function-from-select",

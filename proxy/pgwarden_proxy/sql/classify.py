@@ -30,7 +30,10 @@ Choices that are not obvious (statement → classes: why):
   relations are still listed). `EXPLAIN ANALYZE stmt` → read + the classes of stmt.
 - `UPDATE`/`DELETE` without WHERE, or whose WHERE refers to no column (`WHERE true`,
   `WHERE 1=1`) → + unqualified-write: they touch every row. `WHERE CURRENT OF` is qualified;
-  MERGE never is unqualified.
+  so is a WHERE that always holds but names a column (`WHERE id = id`): a limit of this cheap
+  test. `MERGE` whose join condition refers to no column and that has a `WHEN MATCHED` UPDATE
+  or DELETE → + unqualified-write.
+- `UPDATE pg_settings` → + settings, settings `*`: the view's rule calls set_config().
 - `NOTIFY`, `pg_notify()` → write: PostgreSQL allows them in read-only transactions, but they
   wake other sessions (queue workers), a side effect outside this session.
 - `LISTEN`, `UNLISTEN`, `FETCH`, `MOVE`, `CLOSE` → read: session-local; a cursor's query is
@@ -217,6 +220,7 @@ _PROCEDURAL_FUNCTIONS = (
     "database_to_xmlschema",
     "database_to_xml_and_xmlschema",
     "ts_stat",
+    "ts_rewrite",  # ts_rewrite(query, 'SELECT target, substitute ...') runs its text
     "dblink",
     "dblink_exec",
     "dblink_open",
@@ -576,6 +580,24 @@ def _r_qualified(node: _Node, acc: _Acc, command: str) -> tuple[str, _Acc]:
     where = node.get("whereClause")
     if where is None or not _has_column_ref(where):
         acc.classes.add(_UNQUALIFIED)
+    relation = node.get("relation") or {}
+    if command == "UPDATE" and relation.get("relname") == "pg_settings":
+        # the view's rule calls set_config(): an UPDATE of it is a SET of any parameter
+        acc.classes.add(_SETTINGS)
+        acc.settings.add("*")
+    return command, acc
+
+
+def _r_merge(node: _Node, acc: _Acc, command: str) -> tuple[str, _Acc]:
+    # WHEN MATCHED ... UPDATE/DELETE touches every target row the join condition matches
+    matched = any(
+        (c.get("MergeWhenClause") or {}).get("matchKind") == "MERGE_WHEN_MATCHED"
+        and (c.get("MergeWhenClause") or {}).get("commandType") in ("CMD_UPDATE", "CMD_DELETE")
+        for c in node.get("mergeWhenClauses") or ()
+        if type(c) is dict
+    )
+    if matched and not _has_column_ref(node.get("joinCondition")):
+        acc.classes.add(_UNQUALIFIED)
     return command, acc
 
 
@@ -761,6 +783,7 @@ _REFINERS: Final[Mapping[str, _Refiner]] = {
     "SelectStmt": _r_select,
     "UpdateStmt": _r_qualified,
     "DeleteStmt": _r_qualified,
+    "MergeStmt": _r_merge,
     "CopyStmt": _r_copy,
     "ExplainStmt": _r_explain,
     "CreateTableAsStmt": _r_create_table_as,
