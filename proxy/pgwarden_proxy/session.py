@@ -531,6 +531,10 @@ class Session:
         infos = tuple(self._resolve(i) for i in self.server.analyzer.analyze(text)) or (
             dataclasses.replace(_UNKNOWN_STATEMENT, text=text, command="EMPTY"),
         )
+        later = self._load_functions(infos, msg)
+        if later is not None:
+            return later
+        infos = tuple(self._with_functions(i) for i in infos)
         plans = self._plans(infos)
         if plans is None:
             return self._after(self._prepare_plans(infos), msg)
@@ -579,6 +583,10 @@ class Session:
     def _query(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
         text = self._decode(msg.body[:-1])
         infos = list(self.server.analyzer.analyze(text))
+        later = self._load_functions(infos, msg)
+        if later is not None:
+            return later
+        infos = [self._with_functions(i) for i in infos]
         plans = self._plans(infos)
         if plans is None:
             return self._after(self._prepare_plans(infos), msg)
@@ -613,6 +621,42 @@ class Session:
         if any(_PARSER_SETTINGS & i.settings for i in infos):
             return self._until_idle()
         return None
+
+    # ------------------------------------------------------------------ functions
+    def _load_functions(
+        self, infos: Sequence[StatementInfo], msg: Message
+    ) -> Coroutine[Any, Any, None] | None:
+        """Read the catalog entries of the functions a restricted session calls (once)."""
+        if not self.policy.restricts:
+            return None
+        names = {f for i in infos for f in i.functions if "." not in f}
+        catalog = self.server.catalog
+        if not names or catalog.functions_known(names):
+            return None
+
+        async def load() -> None:
+            try:
+                await catalog.load((), names)
+            except CatalogError as e:
+                raise _CatalogDown(str(e)) from e
+
+        return self._after(load(), msg)
+
+    def _with_functions(self, info: StatementInfo) -> StatementInfo:
+        """A call of a volatile function defined outside pg_catalog runs stored code that may
+        change data: it adds procedural and write. (PostgreSQL refuses data changes inside
+        stable and immutable functions, so those stay what the statement is.)"""
+        if not info.functions or not self.policy.restricts:
+            return info
+        catalog = self.server.catalog
+        for name in info.functions:
+            if "." in name:
+                continue
+            found = catalog.user_functions(name)
+            if found is not None and found[1]:
+                extra = {StatementClass.PROCEDURAL, StatementClass.WRITE}
+                return dataclasses.replace(info, classes=info.classes | extra)
+        return info
 
     # ------------------------------------------------------------------ prepared statements
     def _resolve(self, info: StatementInfo) -> StatementInfo:
@@ -704,8 +748,8 @@ class Session:
         assert self.upstream is not None
         err = m.ErrorInfo(
             "58000",
-            f"pgwarden: masking applies to this session and the database catalog cannot be "
-            f"read, so the statement is not run ({reason})",
+            f"pgwarden: judging this statement needs the database catalog (masking, or the "
+            f"functions it calls), which cannot be read, so it is not run ({reason})",
             hint="retry in a moment",
         )
         info = dataclasses.replace(_UNKNOWN_STATEMENT, text=self._decode(msg.body[:-1]))

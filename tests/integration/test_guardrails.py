@@ -827,12 +827,9 @@ PROCEDURAL_CASES = cases_of(
     ),
     (
         "user-function-from-select",
-        "SELECT guard.wipe()",
-        {
-            "gap": "a user-defined function called from SELECT is read; its DELETE runs "
-            "(CALL of the same code is refused)"
-        },
+        "SELECT guard.wipe()",  # volatile: procedural and write
     ),
+    ("user-function-quoted", 'SELECT "guard"."wipe"()'),
 )
 
 ADMIN_CASES = cases_of(
@@ -1160,6 +1157,8 @@ class Harmless:
 
 
 HARMLESS = [
+    # an immutable user-defined function cannot change data: it is a read
+    Harmless("immutable-user-function", "SELECT guard.one()::text AS s, @P@::text", [("1", "p")]),
     Harmless(
         "literal-drop", "SELECT 'DROP TABLE guard.t' AS s, @P@::text", [("DROP TABLE guard.t", "p")]
     ),

@@ -38,6 +38,9 @@ _SESSION_SETTINGS = {
 }
 
 
+BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+
+
 class CatalogError(Exception):
     """The catalog could not be read (the database is down, or refused the query)."""
 
@@ -78,7 +81,8 @@ class Catalog:
         self._lock = asyncio.Lock()
         self._by_oid: dict[int, Relation] = {}
         self._by_name: dict[str, list[Relation]] = {}  # relname -> relations in any schema
-        self._functions: dict[str, frozenset[str]] = {}  # proname -> schemas defining it
+        # lower-case proname -> (schema, volatile) of every function of that name
+        self._functions: dict[str, frozenset[tuple[str, bool]]] = {}
         self._loaded_at = time.monotonic()
         self.generation = 0  # changes whenever the cache is dropped
 
@@ -104,7 +108,21 @@ class Catalog:
         return [r for r in found if r.schema == schema] if schema else list(found)
 
     def function_schemas(self, name: str) -> frozenset[str] | None:
-        return self._functions.get(name)
+        defs = self._functions.get(name)
+        return None if defs is None else frozenset(schema for schema, _ in defs)
+
+    def functions_known(self, names: Iterable[str]) -> bool:
+        self._expire()
+        return all(n.rpartition(".")[2] in self._functions for n in names)
+
+    def user_functions(self, name: str) -> tuple[bool, bool] | None:
+        """Whether a function of this name is defined outside the built-in schemas, and whether
+        such a definition is volatile (may change data); None when not loaded."""
+        defs = self._functions.get(name)
+        if defs is None:
+            return None
+        user = [volatile for schema, volatile in defs if schema not in BUILTIN_SCHEMAS]
+        return bool(user), any(user)
 
     def knows(self, relations: Iterable[str], functions: Iterable[str]) -> bool:
         self._expire()
@@ -128,15 +146,17 @@ class Catalog:
                     self._by_name.setdefault(name, [])
                 await self._add(rels)
             if fn_names:
+                # lower(): the classifier folds names, and a quoted "MyFunc" must be found
                 rows = await self._query(
-                    "SELECT p.proname, n.nspname FROM pg_proc p JOIN pg_namespace n "  # noqa: S608 (quoted by literal())
-                    f"ON n.oid = p.pronamespace WHERE p.proname IN ({_in_list(fn_names)})"
+                    "SELECT lower(p.proname), n.nspname, p.provolatile = 'v' FROM pg_proc p "  # noqa: S608 (quoted by literal())
+                    "JOIN pg_namespace n ON n.oid = p.pronamespace "
+                    f"WHERE lower(p.proname) IN ({_in_list(fn_names)})"
                 )
-                schemas: dict[str, set[str]] = {name: set() for name in fn_names}
-                for proname, nspname in rows:
-                    schemas.setdefault(str(proname), set()).add(str(nspname))
+                defs: dict[str, set[tuple[str, bool]]] = {name: set() for name in fn_names}
+                for proname, nspname, volatile in rows:
+                    defs.setdefault(str(proname), set()).add((str(nspname), volatile == "t"))
                 if generation == self.generation:
-                    self._functions.update({k: frozenset(v) for k, v in schemas.items()})
+                    self._functions.update({k: frozenset(v) for k, v in defs.items()})
 
     async def load_oids(self, oids: Iterable[int]) -> None:
         missing = {o for o in oids if o and o not in self._by_oid}

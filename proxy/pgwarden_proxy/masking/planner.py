@@ -28,14 +28,13 @@ import pglast
 from pglast.parser import normalize, parse_sql_json
 from pglast.stream import RawStream
 
-from pgwarden_proxy.masking.catalog import Catalog, Relation
+from pgwarden_proxy.masking.catalog import BUILTIN_SCHEMAS, Catalog, Relation
 from pgwarden_proxy.masking.lineage import LineageUnknown, lineage
 from pgwarden_proxy.masking.rules import ColumnRule, MaskRules, strongest
 from pgwarden_proxy.sql.classify import StatementInfo
 
 log = logging.getLogger("pgwarden.masking")
 
-BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 # Built-ins that read tables or run SQL they are given as text: their output escapes lineage.
 UNMASKABLE_FUNCTIONS = frozenset(
     {
