@@ -1014,7 +1014,10 @@ class Session:
                     continue
                 if type(item) is Rows:
                     mask = self._result_mask
-                    out.append(item.data if mask is None else mask.rows(item.data))
+                    if mask is None or item.rewritten:
+                        out.append(item.data)
+                    else:
+                        out.append(mask.rows(item.data))
                     continue
                 assert isinstance(item, Message)
                 t = item.type
@@ -1064,6 +1067,7 @@ class Session:
             mask, body = self._result_mask_for(msg.body, plan, rewriter)
             self._result_mask = mask
             scanner.whole_rows = mask is not None
+            scanner.row_rewriter = mask.rows_from if mask is not None else None
             if mask is None or body is msg.body:
                 return msg
             return Message(t, body, m.frame(b"T", body), msg.rows, msg.row_bytes)
@@ -1120,6 +1124,7 @@ class Session:
         self._result_mask = None
         self._copy_mask = None
         self._server_scanner.whole_rows = False
+        self._server_scanner.row_rewriter = None
         self._server_scanner.streamed.add(_COPYDATA)
 
     def _end_of_rows(self, msg: Message, out: list[bytes]) -> Message:

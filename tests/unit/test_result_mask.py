@@ -12,6 +12,10 @@ from pgwarden_proxy.masking.detectors import DetectorSet
 from pgwarden_proxy.masking.rows import CopyMask, ResultMask, Rewriter, _Column
 from pgwarden_proxy.masking.rules import ColumnRule
 from pgwarden_proxy.masking.strategies import Masker
+from pgwarden_proxy.wire.framing import Message, Rows, Scanner
+from pgwarden_proxy.wire.messages import frame
+
+D = ord("D")
 
 KEY = b"k" * 32
 field = st.one_of(st.none(), st.text(max_size=40).map(str.encode))
@@ -84,3 +88,66 @@ def test_copy_text_and_csv_rows_are_masked_by_column() -> None:
     assert text.row(b"2\t\\N\n")[5:] == b"2\t\\N\n"  # NULL stays NULL
     csv = CopyMask([None, rule, None], rewriter, "utf-8", csv=True)
     assert csv.row(b'1,"x,@y.org",3\n')[5:] == b"1,[redacted],3\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows,
+    st.lists(st.integers(0, 5000), max_size=20),
+    st.sampled_from([MaskStrategy.REDACT, MaskStrategy.HASH]),
+)
+def test_the_scanner_rewrites_rows_as_it_finds_them_under_any_split(
+    table: list[list[bytes | None]], cuts: list[int], strategy: MaskStrategy
+) -> None:
+    masker = Masker(strategy, KEY)
+    rewriter = Rewriter(lambda rule: masker, None, None)
+    data = (
+        b"".join(datarow(r) for r in table[: len(table) // 2])
+        + frame(b"N", b"notice\x00")
+        + b"".join(datarow(r) for r in table[len(table) // 2 :])
+        + frame(b"C", b"SELECT 1\x00")
+    )
+    reference = ResultMask([_Column(1, masker, False, False)], rewriter, "utf-8")
+    expected = b""
+    for item in Scanner(streamed=(D,), counted=D, max_message=1 << 20).feed(data):
+        if isinstance(item, Message):
+            expected += item.raw
+        else:
+            assert isinstance(item, bytes)
+            expected += item
+    # what the proxy sends: every DataRow masked by the reference, other messages as they are
+    expected_rows = parse_messages(expected)
+    mask = ResultMask([_Column(1, masker, False, False)], rewriter, "utf-8")
+    scanner = Scanner(streamed=(D,), counted=D, max_message=1 << 20)
+    scanner.whole_rows = True
+    scanner.row_rewriter = mask.rows_from
+    got = b""
+    for part in chunks_of(data, cuts):
+        for item in scanner.feed(part):
+            if isinstance(item, Rows):
+                got += item.data if item.rewritten else mask.rows(item.data)
+            elif isinstance(item, Message):
+                got += item.raw
+            else:
+                got += item
+    masked = [(t, reference.rows(raw) if t == b"D" else raw) for t, raw in expected_rows]
+    assert got == b"".join(raw for _, raw in masked)
+
+
+def parse_messages(data: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        (length,) = struct.unpack_from("!i", data, pos + 1)
+        out.append((data[pos : pos + 1], data[pos : pos + 1 + length]))
+        pos += 1 + length
+    return out
+
+
+def chunks_of(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, prev = [], 0
+    for p in [*points, len(data)]:
+        out.append(data[prev:p])
+        prev = p
+    return out

@@ -22,6 +22,7 @@ from pgwarden_proxy.masking.detectors import NULL, DetectorSet
 from pgwarden_proxy.masking.planner import StatementPlan, column_rule
 from pgwarden_proxy.masking.rules import ColumnRule, MaskRules, strongest
 from pgwarden_proxy.masking.strategies import REDACTED, Masker
+from pgwarden_proxy.wire.framing import ProtocolViolation
 
 TEXT_OID = 25
 JSONB_OID = 3802
@@ -154,24 +155,42 @@ class ResultMask:
         return cls(columns, rewriter, encoding), bytes(out)
 
     def rows(self, data: bytes) -> bytes:
-        """Whole DataRow messages back to back in, the same rows masked out.
+        """Whole DataRow messages back to back in, the same rows masked out."""
+        out, end, _, _ = self.rows_from(data, 0, len(data) + 1)
+        if end != len(data):
+            raise ProtocolViolation("a DataRow too short to hold its field count")
+        return out
 
+    def rows_from(self, data: bytes, start: int, limit: int) -> tuple[bytes, int, int, int]:
+        """The complete DataRows of `data` from `start` (up to another message type, an
+        incomplete row, or the end), masked: (the masked rows, where they end, how many, their
+        wire bytes before masking). A row longer than `limit` is a protocol violation.
+
+        This is the scanner's row walk too (`Scanner.row_rewriter`), so each row is read once.
         Only the fields up to the last masked column are walked. Values come out of a
         per-column memo where they can (strategies and detectors are deterministic), as the
         field to write, length word included; `_SAME` when the value stays.
         """
+        if len(self._plan) == 1:
+            return self._one_column_from(data, start, limit)
         unpack = _I32.unpack_from
         head = _ROW_HEAD.unpack_from
         pack_head = _MESSAGE_HEAD.pack
         plan = self._plan  # (column index, memo, column) in column order
         encoding = self._encoding
         parts: list[bytes] = []
-        done = 0  # data[done:pos] is unchanged and not yet in parts
-        pos = 0
+        done = start  # data[done:pos] is unchanged and not yet in parts
+        pos = start
         n = len(data)
-        while pos < n:
+        rows = 0
+        while n - pos >= 7 and data[pos] == 68:  # D
             length, count = head(data, pos + 1)
             end = pos + 1 + length
+            if end > n:
+                break
+            if length < 6 or length > limit:
+                raise ProtocolViolation(f"invalid length {length} for message 'D'")
+            rows += 1
             p = pos + 7
             index = 0
             kept = pos + 5  # start of this row's body not yet copied
@@ -215,9 +234,61 @@ class ResultMask:
                 done = end
             pos = end
         if not parts:
-            return data
-        parts.append(data[done:])
-        return b"".join(parts)
+            return data[start:pos], pos, rows, pos - start
+        parts.append(data[done:pos])
+        return b"".join(parts), pos, rows, pos - start
+
+    def _one_column_from(self, data: bytes, start: int, limit: int) -> tuple[bytes, int, int, int]:
+        """`rows_from` for the common case of one masked column, with less work per row."""
+        unpack = _I32.unpack_from
+        head = _ROW_HEAD.unpack_from
+        pack_head = _MESSAGE_HEAD.pack
+        ((target, memo, col, const),) = self._plan
+        skip = range(target)
+        encoding = self._encoding
+        parts: list[bytes] = []
+        done = start
+        pos = start
+        n = len(data)
+        rows = 0
+        while n - pos >= 7 and data[pos] == 68:  # D
+            length, count = head(data, pos + 1)
+            end = pos + 1 + length
+            if end > n:
+                break
+            if length < 6 or length > limit:
+                raise ProtocolViolation(f"invalid length {length} for message 'D'")
+            rows += 1
+            if target < count:
+                p = pos + 7
+                for _ in skip:
+                    (flen,) = unpack(data, p)
+                    p += 4 + (flen if flen > 0 else 0)
+                (flen,) = unpack(data, p)
+                if flen >= 0:
+                    nxt = p + 4 + flen
+                    field = const
+                    if field is None:
+                        raw = data[p + 4 : nxt]
+                        field = memo.get(raw)
+                        if field is None:
+                            field = self._field(col, raw, encoding)
+                            if flen <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
+                                memo[raw] = field
+                    if field is not _SAME:
+                        parts += (
+                            data[done:pos],
+                            pack_head(b"D", length + len(field) - 4 - flen),
+                            data[pos + 5 : p],
+                            field,
+                            data[nxt:end],
+                        )
+                        done = end
+            pos = end
+        if not parts:
+            return data[start:pos], pos, rows, pos - start
+        parts.append(data[done:pos])
+        return b"".join(parts), pos, rows, pos - start
 
     def _field(self, col: _Column, raw: bytes, encoding: str) -> bytes:
         new = self._rewriter.value(col, raw, encoding)

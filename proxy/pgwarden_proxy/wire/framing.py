@@ -10,7 +10,7 @@ from the RowDescription on), which is why `feed` is a generator.
 from __future__ import annotations
 
 import struct
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 
 _HDR = struct.Struct("!BI")
@@ -38,13 +38,19 @@ class Message:
 
 
 class Rows:
-    """Whole rows (DataRow messages) back to back, for a consumer that rewrites them."""
+    """Whole rows (DataRow messages) back to back, for a consumer that rewrites them;
+    `rewritten` when the scanner's `row_rewriter` already did."""
 
-    __slots__ = ("count", "data")
+    __slots__ = ("count", "data", "rewritten")
 
-    def __init__(self, data: bytes, count: int) -> None:
+    def __init__(self, data: bytes, count: int, rewritten: bool = False) -> None:
         self.data = data
         self.count = count
+        self.rewritten = rewritten
+
+
+# (data, start, longest row) -> (rewritten rows, their end, how many, their bytes before)
+RowRewriter = Callable[[bytes, int, int], tuple[bytes, int, int, int]]
 
 
 class Scanner:
@@ -67,6 +73,7 @@ class Scanner:
         "_skip",
         "dropped",
         "row_budget",
+        "row_rewriter",
         "streamed",
         "whole_rows",
     )
@@ -94,6 +101,7 @@ class Scanner:
         # rows of the counted type arrive as `Rows` of whole messages (masking rewrites them)
         # instead of byte runs; the consumer may switch this between two yielded items
         self.whole_rows = False
+        self.row_rewriter: RowRewriter | None = None  # rewrites whole rows as it finds them
 
     @property
     def at_boundary(self) -> bool:
@@ -187,6 +195,15 @@ class Scanner:
 
     def _whole_rows(self, data: bytes, pos: int) -> Generator[Rows, None, int]:
         """Consecutive complete rows from `pos` as Rows runs (maxRows applied); the end."""
+        rewrite = self.row_rewriter
+        if rewrite is not None and self.row_budget is None:
+            # one walk that finds the rows and rewrites them (the masking hot path)
+            out, end, k, nbytes = rewrite(data, pos, self._max_message)
+            if end > pos:
+                self._rows += k
+                self._row_bytes += nbytes
+                yield Rows(out, k, rewritten=True)
+                return end
         n = len(data)
         unpack = _HDR.unpack_from
         counted = self._counted
