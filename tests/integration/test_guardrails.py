@@ -435,12 +435,16 @@ UNQUALIFIED_CASES = [
         (
             "where-column-equals-itself",
             "DELETE FROM guard.t WHERE id = id",
-            {"gap": "a tautological WHERE that names a column counts as qualified"},
         ),
+        ("where-true-or-column", "DELETE FROM guard.t WHERE true OR id = 1"),
+        ("where-not-false", "UPDATE guard.t SET v = 'x' WHERE id = 1 OR NOT false"),
         (
             "where-is-not-null",
             "UPDATE guard.t SET v = 'x' WHERE id IS NOT NULL",
-            {"gap": "a tautological WHERE that names a column counts as qualified"},
+            {
+                "gap": "a WHERE that only a constraint makes true (id is the primary key) counts "
+                "as qualified"
+            },
         ),
         (
             "merge-on-true",

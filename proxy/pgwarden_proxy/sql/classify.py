@@ -29,10 +29,11 @@ Choices that are not obvious (statement → classes: why):
 - `EXPLAIN` without ANALYZE → read only: the statement is planned, never run (its functions and
   relations are still listed). `EXPLAIN ANALYZE stmt` → read + the classes of stmt.
 - `UPDATE`/`DELETE` without WHERE, or whose WHERE refers to no column (`WHERE true`,
-  `WHERE 1=1`) → + unqualified-write: they touch every row. `WHERE CURRENT OF` is qualified;
-  so is a WHERE that always holds but names a column (`WHERE id = id`): a limit of this cheap
-  test. `MERGE` whose join condition refers to no column and that has a `WHEN MATCHED` UPDATE
-  or DELETE → + unqualified-write.
+  `WHERE 1=1`), or that always holds by its shape (`WHERE id = id`, `WHERE true OR id = 1`,
+  `NOT false`) → + unqualified-write: they touch every row. `WHERE CURRENT OF` is qualified.
+  What only a constraint makes true (`WHERE id IS NOT NULL` on a primary key) is not seen.
+  `MERGE` whose join condition is such, with a `WHEN MATCHED` UPDATE or DELETE →
+  + unqualified-write.
 - `UPDATE pg_settings` → + settings, settings `*`: the view's rule calls set_config().
 - `NOTIFY`, `pg_notify()` → write: PostgreSQL allows them in read-only transactions, but they
   wake other sessions (queue workers), a side effect outside this session.
@@ -576,9 +577,73 @@ def _r_select(node: _Node, acc: _Acc, command: str) -> tuple[str, _Acc]:
     return command, acc
 
 
+def _without_locations(obj: Any) -> Any:
+    if type(obj) is dict:
+        return {k: _without_locations(v) for k, v in obj.items() if k != "location"}
+    if type(obj) is list:
+        return [_without_locations(v) for v in obj]
+    return obj
+
+
+def _operator(expr: _Node) -> str | None:
+    names = expr.get("name") or ()
+    last = names[-1] if names else None
+    return last.get("String", {}).get("sval") if type(last) is dict else None
+
+
+def _always_true(node: Any) -> bool:
+    """A condition that holds for every row, by its shape: `true`, `x = x` (any column or
+    constant compared with itself), and AND/OR/NOT of such. What a constraint implies
+    (`id IS NOT NULL` on a primary key) is not known here."""
+    if type(node) is not dict:
+        return False
+    if "A_Const" in node:
+        return node["A_Const"].get("boolval", {}).get("boolval") is True
+    if "BoolExpr" in node:
+        b = node["BoolExpr"]
+        args = b.get("args") or []
+        op = b.get("boolop")
+        if op == "OR_EXPR":
+            return any(_always_true(a) for a in args)
+        if op == "AND_EXPR":
+            return bool(args) and all(_always_true(a) for a in args)
+        return op == "NOT_EXPR" and len(args) == 1 and _always_false(args[0])
+    if "A_Expr" in node:
+        e = node["A_Expr"]
+        if e.get("kind") == "AEXPR_OP" and _operator(e) in ("=", ">=", "<="):
+            return _without_locations(e.get("lexpr")) == _without_locations(e.get("rexpr"))
+    return False
+
+
+def _always_false(node: Any) -> bool:
+    if type(node) is not dict:
+        return False
+    if "A_Const" in node:
+        return node["A_Const"].get("boolval", {}).get("boolval") is not True and (
+            "boolval" in node["A_Const"]
+        )
+    if "BoolExpr" in node:
+        b = node["BoolExpr"]
+        args = b.get("args") or []
+        op = b.get("boolop")
+        if op == "AND_EXPR":
+            return any(_always_false(a) for a in args)
+        if op == "OR_EXPR":
+            return bool(args) and all(_always_false(a) for a in args)
+        return op == "NOT_EXPR" and len(args) == 1 and _always_true(args[0])
+    if "A_Expr" in node:
+        e = node["A_Expr"]
+        if e.get("kind") == "AEXPR_OP" and _operator(e) in ("<>", "!=", "<", ">"):
+            return _without_locations(e.get("lexpr")) == _without_locations(e.get("rexpr"))
+    return False
+
+
+def _selects_every_row(where: Any) -> bool:
+    return where is None or not _has_column_ref(where) or _always_true(where)
+
+
 def _r_qualified(node: _Node, acc: _Acc, command: str) -> tuple[str, _Acc]:
-    where = node.get("whereClause")
-    if where is None or not _has_column_ref(where):
+    if _selects_every_row(node.get("whereClause")):
         acc.classes.add(_UNQUALIFIED)
     relation = node.get("relation") or {}
     if command == "UPDATE" and relation.get("relname") == "pg_settings":
@@ -596,7 +661,7 @@ def _r_merge(node: _Node, acc: _Acc, command: str) -> tuple[str, _Acc]:
         for c in node.get("mergeWhenClauses") or ()
         if type(c) is dict
     )
-    if matched and not _has_column_ref(node.get("joinCondition")):
+    if matched and _selects_every_row(node.get("joinCondition")):
         acc.classes.add(_UNQUALIFIED)
     return command, acc
 
