@@ -611,7 +611,7 @@ def _always_true(node: Any) -> bool:
     if "A_Expr" in node:
         e = node["A_Expr"]
         if e.get("kind") == "AEXPR_OP" and _operator(e) in ("=", ">=", "<="):
-            return _without_locations(e.get("lexpr")) == _without_locations(e.get("rexpr"))
+            return bool(_without_locations(e.get("lexpr")) == _without_locations(e.get("rexpr")))
     return False
 
 
@@ -634,7 +634,7 @@ def _always_false(node: Any) -> bool:
     if "A_Expr" in node:
         e = node["A_Expr"]
         if e.get("kind") == "AEXPR_OP" and _operator(e) in ("<>", "!=", "<", ">"):
-            return _without_locations(e.get("lexpr")) == _without_locations(e.get("rexpr"))
+            return bool(_without_locations(e.get("lexpr")) == _without_locations(e.get("rexpr")))
     return False
 
 
