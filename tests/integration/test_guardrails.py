@@ -437,7 +437,7 @@ UNQUALIFIED_CASES = [
             "DELETE FROM guard.t WHERE id = id",
         ),
         ("where-true-or-column", "DELETE FROM guard.t WHERE true OR id = 1"),
-        ("where-not-false", "UPDATE guard.t SET v = 'x' WHERE id = 1 OR NOT false"),
+        ("where-or-not-false", "UPDATE guard.t SET v = 'x' WHERE id = 1 OR NOT false"),
         (
             "where-is-not-null",
             "UPDATE guard.t SET v = 'x' WHERE id IS NOT NULL",
