@@ -8,6 +8,7 @@ import pytest
 
 from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden.embedded.postgres import ThrowawayPostgres
+from tests.s3server import MotoServer
 
 
 @pytest.fixture(scope="session")
@@ -25,4 +26,11 @@ def pg_tls() -> Iterator[ThrowawayPostgres]:
 @pytest.fixture(scope="session")
 def issuer() -> Iterator[LocalIssuer]:
     with LocalIssuer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[MotoServer]:
+    """moto's S3 API over HTTP on 127.0.0.1 (`down()`/`up()` simulate an outage)."""
+    with MotoServer() as server:
         yield server

@@ -79,11 +79,35 @@ class NamedPolicy(Model):
     spec: AccessPolicySpec
 
 
+class ObjectLock(Model):
+    """S3 Object Lock retention put on every recording object (the bucket must have Object Lock
+    enabled): in COMPLIANCE mode nobody, the bucket owner included, can delete or overwrite
+    a recording before `retainDays` have passed."""
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"] = "COMPLIANCE"
+    retain_days: int = Field(ge=1, alias="retainDays")
+
+
+class ServerSideEncryption(Model):
+    algorithm: Literal["AES256", "aws:kms", "aws:kms:dsse"] = "AES256"
+    kms_key_id: str | None = Field(default=None, alias="kmsKeyId")
+
+    @model_validator(mode="after")
+    def _kms_key_only_for_kms(self) -> ServerSideEncryption:
+        if self.kms_key_id is not None and not self.algorithm.startswith("aws:kms"):
+            raise ValueError("kmsKeyId needs algorithm aws:kms or aws:kms:dsse")
+        return self
+
+
 class S3Sink(Model):
-    bucket: str
+    bucket: str = Field(min_length=3, max_length=63)
     prefix: str = "pgwarden/"
     region: str | None = None
+    # credentials come from the usual AWS sources (environment, profile, IRSA, instance role);
+    # AWS_ENDPOINT_URL works too when endpointUrl is not set
     endpoint_url: str | None = Field(default=None, alias="endpointUrl")
+    object_lock: ObjectLock | None = Field(default=None, alias="objectLock")
+    sse: ServerSideEncryption | None = None
 
 
 class FileSink(Model):
@@ -103,7 +127,15 @@ class Sink(Model):
 
 class Recording(Model):
     spool_dir: Path = Field(default=Path("/var/lib/pgwarden/spool"), alias="spoolDir")
-    sink: Sink | None = None
+    sink: Sink | None = None  # none: nothing is recorded (events go to the log only)
+    # unshipped spool beyond this: new statements are refused (fail closed, nothing is dropped)
+    max_spool_bytes: int = Field(default=1024**3, ge=65536, alias="maxSpoolBytes")
+    segment_bytes: int = Field(default=4 * 1024**2, ge=4096, alias="segmentBytes")
+    ship_interval: Duration = Field(default=timedelta(seconds=5), alias="shipInterval")
+    signing_key_file: Path | None = Field(default=None, alias="signingKeyFile")  # Ed25519 PEM
+    # level `results`: rows and bytes of values kept per statement (a digest covers them all)
+    result_rows: int = Field(default=100, ge=0, alias="resultRows")
+    result_bytes: int = Field(default=65536, ge=0, alias="resultBytes")
 
 
 class Approvals(Model):

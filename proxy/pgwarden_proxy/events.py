@@ -1,7 +1,5 @@
-"""What the proxy saw: one event per statement and per session start/end.
-
-In this version events go to the structured log; the recorder (S3, hash chain) plugs in as
-another `EventSink`.
+"""What the proxy saw: one event per statement and per session start/end, for the structured
+log (`LogEventSink`) and tests. The session recording (recording/) is written beside it.
 """
 
 from __future__ import annotations
@@ -38,6 +36,8 @@ class StatementEvent:
     suspended: bool = False
     # held for a person: {"request": name, "state": ..., "decidedBy": ..., "comment": ...}
     approval: dict[str, str | None] | None = None
+    seq: int = 0  # of its `statement` event in the session's recording (0: not recorded)
+    result: dict[str, Any] | None = None  # recording level `results`: the rows sent
 
     def as_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies recursively, a hot spot at one event per statement

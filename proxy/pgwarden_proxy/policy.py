@@ -95,6 +95,8 @@ class EffectivePolicy:
     max_rows_policy: str | None = None  # the policy whose maxRows is the smallest
     approvals: dict[StatementClass, str] = field(default_factory=dict)  # class -> policy
     masking: MaskRules = field(default_factory=MaskRules)
+    # "results" when any matching policy asks for it (more evidence is the stricter choice)
+    recording_level: str = "statements"
 
     @classmethod
     def combine(cls, policies: Sequence[NamedPolicy]) -> EffectivePolicy:
@@ -135,6 +137,9 @@ class EffectivePolicy:
             max_rows_policy,
             approvals,
             MaskRules.combine(ordered),
+            "results"
+            if any(p.spec.recording.level == "results" for p in ordered)
+            else "statements",
         )
 
     def rows_cut_notice(self, dropped: int) -> ErrorInfo:
@@ -191,6 +196,7 @@ class EffectivePolicy:
             ),
             "approvals": sorted(self.approvals),
             "masking": self.masking.as_list(),
+            "recording": self.recording_level,
         }
 
     def decide(self, st: StatementInfo) -> Decision:

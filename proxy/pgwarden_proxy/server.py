@@ -28,6 +28,7 @@ from pgwarden_proxy.masking.rules import ColumnRule, MaskRules
 from pgwarden_proxy.masking.strategies import Masker
 from pgwarden_proxy.metrics import ProxyMetrics
 from pgwarden_proxy.policy import PolicyStore
+from pgwarden_proxy.recording.recorder import Recorder, store_for
 from pgwarden_proxy.reload import LIVE_FIELDS, ConfigWatcher, restart_fields
 from pgwarden_proxy.session import Session, new_backend_key
 from pgwarden_proxy.sql.classify import Analyzer
@@ -80,6 +81,10 @@ class ProxyServer:
         self._hash_key = self._read_hash_key()
         self._rewriters: dict[MaskRules, Rewriter] = {}
         self.approvals = approval_backend(config)
+        store = store_for(config.recording)
+        self.recorder = (
+            Recorder(config.recording, config.connection, store) if store is not None else None
+        )
         self.verifier = verifier or OidcVerifier(config.auth.oidc)
         self.analyzer = Analyzer()
         self.metrics = ProxyMetrics(config.connection)
@@ -229,6 +234,10 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        if self.recorder is not None:
+            self.recorder.start()  # first: ships, and closes sessions a crash left open
+        else:
+            log.warning("recording is off: no recording.sink is configured")
         await self.verifier.start()
         listen = self.config.listen
         self._server = await loop.create_server(
@@ -291,6 +300,8 @@ class ProxyServer:
         if self._health is not None:
             await self._health.stop()
         self.catalog.close()
+        if self.recorder is not None:
+            await self.recorder.stop()
         if self._stopped is not None:
             self._stopped.set()
         log.info("stopped")

@@ -33,6 +33,8 @@ from pgwarden_proxy.masking.catalog import CatalogError
 from pgwarden_proxy.masking.planner import StatementPlan, fetch_cursor
 from pgwarden_proxy.masking.rows import CopyMask, ResultMask, Rewriter
 from pgwarden_proxy.policy import EffectivePolicy
+from pgwarden_proxy.recording.capture import ResultCapture
+from pgwarden_proxy.recording.recorder import SessionRecorder
 from pgwarden_proxy.sql.classify import StatementInfo, fingerprint
 from pgwarden_proxy.startup import (
     StartupRefused,
@@ -171,6 +173,12 @@ class Session:
         self.policy = EffectivePolicy.combine(())  # set at login, renewed after a reload
         self._policy_generation = -1
         self._max_rows: int | None = None  # the effective policy's maxRows
+        # the recording: statements go upstream once their event is durable (ticket `_need`);
+        # what the client sends meanwhile waits in `_deferred`
+        self._rec: SessionRecorder | None = None
+        self._need = 0
+        self._deferred: list[bytes] | None = None
+        self._capture: ResultCapture | None = None  # level `results`: the rows sent
 
     # ================================================================== lifecycle
     async def run(self) -> None:
@@ -340,6 +348,10 @@ class Session:
         return identity
 
     async def _connect_upstream(self, request: StartupRequest) -> None:
+        recorder = self.server.recorder
+        refusal = recorder.refusal() if recorder is not None else None
+        if refusal is not None:
+            raise _Refused(dataclasses.replace(refusal, severity="FATAL"), "recording")
         try:
             assert self.identity is not None
             self._refresh_policy()
@@ -361,6 +373,7 @@ class Session:
         identity = self.identity
         assert identity is not None
         self.server.metrics.sessions_total.inc()
+        policies = [p.name for p in self.server.policies_for(identity)]
         self.server.sink.session(
             SessionEvent(
                 "session_start",
@@ -376,12 +389,31 @@ class Session:
                     "client": self.peer,
                     "application_name": self.application_name,
                     "tls": self.client.tls,
-                    "policies": [p.name for p in self.server.policies_for(identity)],
+                    "policies": policies,
                     "effective_policy": self.policy.as_dict(),
                     "token_expires": identity.expires_at.isoformat(),
                 },
             )
         )
+        if recorder is not None:
+            self._rec = recorder.open_session(
+                self.id,
+                identity.username,
+                self.policy.recording_level,
+                {
+                    "groups": sorted(identity.groups),
+                    "subject": identity.subject,
+                    "issuer": identity.issuer,
+                    "actor": identity.actor,
+                    "client": self.peer,
+                    "applicationName": self.application_name,
+                    "tls": self.client.tls,
+                    "policies": policies,
+                    "effectivePolicy": self.policy.as_dict(),
+                    "tokenExpires": identity.expires_at.isoformat(),
+                },
+            )
+            self._capture_level()
         self.client.write(
             m.auth_ok()
             + b"".join(up.startup_messages)
@@ -426,7 +458,7 @@ class Session:
                     later = self._client_message(item, out)
                     if later is not None:
                         if out:
-                            up.endpoint.writelines(out)
+                            self._to_server(out)
                         self._wait_then_pump(later)
                         return
                 if self._client_backlog:
@@ -439,11 +471,11 @@ class Session:
             self._client_items = None
             self.server.metrics.protocol_violations.inc()
             if out:
-                up.endpoint.writelines(out)
+                self._to_server(out)
             self._close(_fatal("08P01", f"pgwarden: {e}"), reason=f"protocol violation: {e}")
             return
         if out:
-            up.endpoint.writelines(out)
+            self._to_server(out)
         if self._terminating is not None:
             self._maybe_terminate()
 
@@ -557,7 +589,7 @@ class Session:
             info, params, plan = portal.info, portal.bind.rendered_params(portal.types), portal.plan
         op, decision = self._decide(info, params, "extended", plan)
         if not decision.allowed:
-            self.tracker.request(Kind.EXECUTE, [op], refusal=decision.error)
+            self._request(Kind.EXECUTE, [op], refusal=decision.error)
             out.append(_POISON)
             return None
         op.undo = self._record(info, plan)
@@ -577,7 +609,7 @@ class Session:
     def _send_execute(self, op: Op, forward: list[bytes], out: list[bytes]) -> None:
         if len(forward) > 1:
             self.tracker.request(Kind.DESCRIBE_PORTAL, plan=op.plan, internal=True)
-        self.tracker.request(Kind.EXECUTE, [op])
+        self._request(Kind.EXECUTE, [op])
         out.extend(forward)
 
     def _query(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
@@ -609,14 +641,14 @@ class Session:
             for op in ops:
                 op.event.decision = "refuse"
                 op.event.policy = refusal.policy
-            self.tracker.request(Kind.QUERY, ops, refusal=refusal.error)
+            self._request(Kind.QUERY, ops, refusal=refusal.error)
             out.append(_POISON_SYNC)
             return None
         if hold is not None:
             # the person approves what will run: every statement of the query string
             whole = infos[0] if len(infos) == 1 else _whole_query(infos)
             return self._hold(Kind.QUERY, ops, hold, [msg.raw], whole, None)
-        self.tracker.request(Kind.QUERY, ops)
+        self._request(Kind.QUERY, ops)
         out.append(msg.raw)
         if any(_PARSER_SETTINGS & i.settings for i in infos):
             return self._until_idle()
@@ -739,7 +771,7 @@ class Session:
         out: list[bytes] = []
         later = self._client_message(msg, out)
         if out:
-            up.endpoint.writelines(out)
+            self._to_server(out)
         if later is not None:
             await later
 
@@ -756,11 +788,11 @@ class Session:
         op, _ = self._decide(info, None, "simple" if msg.type == 81 else "extended", None)
         op.event.decision = "refuse"
         if msg.type == 81:
-            self.tracker.request(Kind.QUERY, [op], refusal=err)
-            self.upstream.endpoint.write(_POISON_SYNC)
+            self._request(Kind.QUERY, [op], refusal=err)
+            self._to_server([_POISON_SYNC])
         else:  # Parse: fail it the way a bad Parse fails, then the server skips to Sync
-            self.tracker.request(Kind.PARSE, [op], refusal=err)
-            self.upstream.endpoint.write(_POISON)
+            self._request(Kind.PARSE, [op], refusal=err)
+            self._to_server([_POISON])
 
     def _session_plan(
         self, info: StatementInfo, plan: StatementPlan | None
@@ -793,6 +825,7 @@ class Session:
         backend = self.server.approvals
         c = decision.hold
         assert c is not None
+        self._intend(ops)  # recorded as held, before anyone is asked
         refusal: m.ErrorInfo | None = None
         approval: dict[str, str | None] = {}
         if backend is None:
@@ -862,23 +895,26 @@ class Session:
                 approval["state"] = "Invalid"
         for op in ops:
             op.event.approval = approval or None
+            op.event.decision = "approved" if refusal is None else "refuse"
+            if self._rec is not None and approval:
+                self._need = self._rec.approval(op.event)
         if self.client.closed:
             return
         if refusal is not None:
             for op in ops:
                 op.event.decision = "refuse"
-            self.tracker.request(kind, ops, refusal=refusal)
-            up.endpoint.write(_POISON_SYNC if kind is Kind.QUERY else _POISON)
+            self._request(kind, ops, refusal=refusal)
+            self._to_server([_POISON_SYNC if kind is Kind.QUERY else _POISON])
             return
         for op in ops:
             op.event.decision = "approved"
         out: list[bytes] = []
         if kind is Kind.QUERY:
-            self.tracker.request(Kind.QUERY, ops)
+            self._request(Kind.QUERY, ops)
             out.extend(forward)
         else:
             self._send_execute(ops[0], forward, out)
-        up.endpoint.writelines(out)
+        self._to_server(out)
         if backend is not None:
             try:
                 await backend.finish(approval["request"] or "", ApprovalState.EXECUTED)
@@ -927,7 +963,7 @@ class Session:
         without cutting into another message, and settings the server reports are known."""
         assert self.upstream is not None
         # the server holds extended-protocol answers until Sync or Flush: ask for them now
-        self.upstream.endpoint.write(_FLUSH)
+        self._to_server([_FLUSH])
         while not (self.tracker.idle and self._server_scanner.at_boundary):
             if self.client.closed:
                 return
@@ -948,7 +984,7 @@ class Session:
             hint="call the function in a SQL statement instead, e.g. SELECT fn(...)",
         )
         op.event.decision = "refuse"
-        self.tracker.request(Kind.QUERY, [op], refusal=err)
+        self._request(Kind.QUERY, [op], refusal=err)
         out.append(_POISON_SYNC)
 
     def _decide(
@@ -965,6 +1001,10 @@ class Session:
         decision = self.policy.decide(info)
         if decision.allowed and plan is not None and plan.refusal is not None:
             decision = self.policy.masking_refusal(info, plan.refusal)
+        if decision.allowed and self._rec is not None:
+            unrecordable = self._rec.recorder.refusal()
+            if unrecordable is not None:
+                decision = Decision(False, None, unrecordable)
         self.statements += 1
         ev = StatementEvent(
             session_id=self.id,
@@ -992,6 +1032,7 @@ class Session:
         if self.tracker.idle:  # otherwise the running statement ends first (_end_of_rows)
             self._server_scanner.row_budget = self._max_rows
         self._rewriter = self.server.rewriter_for(self.policy.masking)
+        self._capture_level()
 
     def _decode(self, raw: bytes) -> str:
         return raw.decode(self.encoding, errors="replace")
@@ -1001,12 +1042,76 @@ class Session:
             self.server.catalog.invalidate()  # masking must see the new columns and views
         self.server.metrics.statement(ev.classes, ev.decision, ev.duration_ms / 1000.0)
         self.server.sink.statement(ev)
+        if self._rec is not None and ev.seq:
+            self._rec.outcome(ev)
+
+    # ------------------------------------------------------------------ recording
+    def _request(self, kind: Kind, ops: list[Op], refusal: m.ErrorInfo | None = None) -> None:
+        """A request that runs (or refuses) statements: their events are recorded first."""
+        self._intend(ops)
+        self.tracker.request(kind, ops, refusal)
+
+    def _intend(self, ops: list[Op]) -> None:
+        rec = self._rec
+        if rec is not None:
+            for op in ops:
+                if not op.event.seq:
+                    self._need = rec.statement(op.event)
+
+    def _to_server(self, chunks: list[bytes]) -> None:
+        """Client messages go upstream once the events of their statements are durable."""
+        up = self.upstream
+        assert up is not None
+        if self._deferred is None:
+            rec = self._rec
+            if rec is None or self._need <= rec.recorder.durable:
+                up.endpoint.writelines(chunks)
+                return
+            self._deferred = []
+            rec.recorder.when_durable(self._need, self._recorded)
+        self._deferred.extend(chunks)
+
+    def _recorded(self, durable: bool) -> None:
+        rec = self._rec
+        assert rec is not None
+        if not durable:
+            self._deferred = None
+            why = rec.recorder.refusal()
+            self._close(
+                why
+                or _fatal("58030", "pgwarden: the recording failed; nothing may run unrecorded"),
+                reason="recording failed",
+            )
+            return
+        if self._need > rec.recorder.durable:
+            rec.recorder.when_durable(self._need, self._recorded)
+            return
+        chunks, self._deferred = self._deferred, None
+        up = self.upstream
+        if chunks and up is not None and not up.endpoint.closed:
+            up.endpoint.writelines(chunks)
+
+    def _capture_level(self) -> None:
+        """Level `results` keeps the rows sent (whole rows, so they can be read)."""
+        if self._rec is None:
+            return
+        if self.policy.recording_level == "results":
+            if self._capture is None:
+                rc = self.cfg.recording
+                self._capture = ResultCapture(rc.result_rows, rc.result_bytes)
+        else:
+            self._capture = None
+        if self.tracker.idle:
+            self._server_scanner.whole_rows = (
+                self._capture is not None or self._result_mask is not None
+            )
 
     def _on_server_data(self, data: bytes) -> None:
         out: list[bytes] = []
         server = self.tracker.server
         hazard: str | None = None
         scanner = self._server_scanner
+        capture = self._capture
         try:
             for item in self._server_scanner.feed(data):
                 if type(item) is bytes:
@@ -1014,10 +1119,10 @@ class Session:
                     continue
                 if type(item) is Rows:
                     mask = self._result_mask
-                    if mask is None or item.rewritten:
-                        out.append(item.data)
-                    else:
-                        out.append(mask.rows(item.data))
+                    rows = item.data if mask is None or item.rewritten else mask.rows(item.data)
+                    out.append(rows)
+                    if capture is not None:
+                        capture.feed(rows, item.count)
                     continue
                 assert isinstance(item, Message)
                 t = item.type
@@ -1028,6 +1133,8 @@ class Session:
                         item = self._end_of_rows(item, out)
                     if self._result_mask is not None or self._copy_mask is not None:
                         self._end_of_masking()
+                if capture is not None:
+                    self._capture_message(capture, item)
                 reply = server(item)
                 if reply is not None:
                     out.append(reply)
@@ -1051,6 +1158,17 @@ class Session:
         elif self._terminating is not None:
             self._maybe_terminate()
 
+    def _capture_message(self, capture: ResultCapture, msg: Message) -> None:
+        t = msg.type
+        if t == 84:  # T RowDescription (as sent: masked columns are text)
+            capture.encoding = self.encoding
+            capture.describe(msg.body)
+        elif t in (67, 115, 69):  # C CommandComplete, s PortalSuspended, E ErrorResponse
+            pending = self.tracker.pending
+            op = pending[0].op if pending else None
+            if op is not None:
+                op.event.result = capture.take()
+
     # ------------------------------------------------------------------ result masking
     def _mask(self, msg: Message) -> Message:
         t = msg.type
@@ -1066,7 +1184,7 @@ class Session:
         if t == 84:  # T RowDescription: decides this result's rows
             mask, body = self._result_mask_for(msg.body, plan, rewriter)
             self._result_mask = mask
-            scanner.whole_rows = mask is not None
+            scanner.whole_rows = mask is not None or self._capture is not None
             scanner.row_rewriter = mask.rows_from if mask is not None else None
             if mask is None or body is msg.body:
                 return msg
@@ -1123,7 +1241,7 @@ class Session:
     def _end_of_masking(self) -> None:
         self._result_mask = None
         self._copy_mask = None
-        self._server_scanner.whole_rows = False
+        self._server_scanner.whole_rows = self._capture is not None
         self._server_scanner.row_rewriter = None
         self._server_scanner.streamed.add(_COPYDATA)
 
@@ -1247,6 +1365,12 @@ class Session:
                 },
             )
         )
+        if self._rec is not None:
+            self._rec.end(
+                self.end_reason,
+                statements=self.statements,
+                duration_s=round(time.time() - self.started, 3),
+            )
         log.info("session ended", extra={"session_id": self.id, "reason": self.end_reason})
 
 

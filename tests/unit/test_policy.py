@@ -48,6 +48,7 @@ def test_grants_add_up_and_restrictions_add_up() -> None:
         "statementTimeout": 30.0,
         "approvals": [],
         "masking": [],
+        "recording": "statements",
     }
     assert eff.decide(one("UPDATE t SET a = 1 WHERE id = 2")).allowed
     d = eff.decide(one("TRUNCATE t"))

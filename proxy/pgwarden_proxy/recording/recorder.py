@@ -1,0 +1,325 @@
+"""Session recordings: each session's events, hash-chained, into the spool; shipped to the sink.
+
+Runs on the event loop, except the spool's writer and the shipper, which are threads. A session
+asks `when_durable(ticket)` before it forwards a statement: the statement's event is on disk by
+then (see docs/recording.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pgwarden.api.config import Recording
+from pgwarden.recording.format import VERSION, encode_event, event_hash, genesis, iso
+from pgwarden.recording.s3 import S3Store
+from pgwarden.recording.store import FileStore, Store
+from pgwarden_proxy.events import StatementEvent
+from pgwarden_proxy.recording.shipper import Shipper
+from pgwarden_proxy.recording.spool import Spool, SpoolError, Track, session_meta
+from pgwarden_proxy.wire.messages import ErrorInfo
+
+log = logging.getLogger("pgwarden.recording")
+
+Waiter = Callable[[bool], None]
+
+
+def store_for(config: Recording) -> Store | None:
+    sink = config.sink
+    if sink is None:
+        return None
+    if sink.file is not None:
+        return FileStore(sink.file.dir)
+    assert sink.s3 is not None
+    return S3Store.from_sink(sink.s3)
+
+
+def load_signing_key(config: Recording) -> Any:
+    if config.signing_key_file is None:
+        return None
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(config.signing_key_file.read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise SpoolError(f"recording.signingKeyFile cannot be used: {e}") from e
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SpoolError("recording.signingKeyFile must hold an Ed25519 private key (PEM)")
+    return key
+
+
+class Recorder:
+    def __init__(self, config: Recording, connection: str, store: Store) -> None:
+        self.config = config
+        self.connection = connection
+        self.store = store
+        self.durable = 0  # highest durable ticket (updated on the loop)
+        self._waiters: list[tuple[int, int, Waiter]] = []
+        self._order = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed: str | None = None
+        self.spool = Spool(
+            config.spool_dir,
+            segment_bytes=config.segment_bytes,
+            max_bytes=config.max_spool_bytes,
+            ship_interval=config.ship_interval.total_seconds(),
+            on_durable=self._durable_from_thread,
+            on_failed=self._failed_from_thread,
+            on_sealed=lambda: self.shipper.wake(),
+        )
+        self.shipper = Shipper(self.spool, store, signing_key=load_signing_key(config))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Open the spool (closing sessions a previous process left open) and start shipping."""
+        self._loop = asyncio.get_running_loop()
+        recovered = self.spool.open()
+        self.spool.start()
+        for sid, left in recovered.items():
+            meta = left.meta
+            rec = SessionRecorder(self, sid, meta["connection"], meta["identity"], "statements")
+            rec.seq, rec.hash, rec.start_iso = left.seq, left.hash, meta["start"]
+            rec.end(
+                "the proxy stopped before the session ended (closed by the restarted proxy)",
+                statements=None,
+                duration_s=None,
+                recovered=True,
+            )
+        if recovered:
+            log.warning("recording: closed %d sessions left open by a crash", len(recovered))
+        self.shipper.start()
+        log.info(
+            "recording",
+            extra={"sink": self.store.url, "spool": str(self.config.spool_dir)},
+        )
+
+    async def stop(self, ship_for: float = 10.0) -> None:
+        """Seal the spool and ship what is left (for up to `ship_for` seconds)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.spool.close)
+        shipped = await loop.run_in_executor(None, self.shipper.stop, ship_for)
+        if not shipped:
+            log.warning(
+                "recording: some segments were not shipped; the next start ships them",
+                extra={"spool": str(self.config.spool_dir)},
+            )
+
+    # ------------------------------------------------------------------ durability
+    def _durable_from_thread(self, ticket: int) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._advance, ticket)
+
+    def _failed_from_thread(self, message: str) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._fail, message)
+
+    def _advance(self, ticket: int) -> None:
+        self.durable = max(self.durable, ticket)
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= ticket:
+            heapq.heappop(waiters)[2](True)
+
+    def _fail(self, message: str) -> None:
+        self.failed = message
+        waiters, self._waiters = self._waiters, []
+        for _, _, waiter in waiters:
+            waiter(False)
+
+    def when_durable(self, ticket: int, waiter: Waiter) -> None:
+        """Call `waiter(True)` once `ticket` is on disk (False: it never will be)."""
+        if self.failed is not None or ticket < 0:
+            waiter(False)
+        elif ticket <= self.durable:
+            waiter(True)
+        else:
+            heapq.heappush(self._waiters, (ticket, next(self._order), waiter))
+
+    def refusal(self) -> ErrorInfo | None:
+        """Why new statements must not run now (fail closed), or None."""
+        failed = self.failed or self.spool.failed
+        if failed is not None:
+            return ErrorInfo(
+                "58030",
+                f"pgwarden: statements are refused because {failed}; nothing may run unrecorded",
+                hint="tell the platform team: the proxy's spool disk needs attention and the "
+                "proxy a restart",
+            )
+        if self.spool.full:
+            why = f": {self.shipper.error}" if self.shipper.error else ""
+            return ErrorInfo(
+                "53100",
+                f"pgwarden: statements are refused because the recording spool is full "
+                f"({self.spool.stats.bytes} of {self.spool.max_bytes} bytes not yet shipped to "
+                f"{self.store.url}{why}); nothing may run unrecorded",
+                hint="retry in a while; tell the platform team that recordings are not being "
+                "shipped",
+            )
+        return None
+
+    # ------------------------------------------------------------------ sessions
+    def open_session(
+        self, session_id: str, identity: str, level: str, details: dict[str, Any]
+    ) -> SessionRecorder:
+        rec = SessionRecorder(self, session_id, self.connection, identity, level)
+        rec.begin(details)
+        return rec
+
+
+class SessionRecorder:
+    """One session's chain: seq, the hash of the last event, and the events it appends."""
+
+    __slots__ = (
+        "connection",
+        "hash",
+        "identity",
+        "level",
+        "recorder",
+        "seq",
+        "session_id",
+        "start_iso",
+        "statements",
+    )
+
+    def __init__(
+        self, recorder: Recorder, session_id: str, connection: str, identity: str, level: str
+    ) -> None:
+        self.recorder = recorder
+        self.session_id = session_id
+        self.connection = connection
+        self.identity = identity
+        self.level = level
+        self.seq = 0
+        self.hash = genesis(session_id)
+        self.start_iso = ""
+        self.statements = 0
+
+    def _append(self, type_: str, fields: dict[str, Any], t: float | None = None) -> int:
+        """Chain and spool one event; returns its ticket (-1: the spool failed)."""
+        when = iso(time.time() if t is None else t)
+        self.seq += 1
+        event = {
+            "v": VERSION,
+            "seq": self.seq,
+            "prev": self.hash,
+            "time": when,
+            "type": type_,
+            "sessionId": self.session_id,
+            "connection": self.connection,
+            "identity": self.identity,
+            **fields,
+        }
+        line = encode_event(event)
+        self.hash = event_hash(line)
+        meta = None
+        if type_ == "session_start":
+            self.start_iso = when
+            meta = session_meta(self.session_id, self.connection, self.identity, when)
+        track = Track(self.session_id, self.seq, self.hash, meta, type_ == "session_end")
+        try:
+            return self.recorder.spool.append(line, track)
+        except SpoolError as e:
+            log.error(
+                "recording: event lost", extra={"session_id": self.session_id, "error": str(e)}
+            )
+            return -1
+
+    def begin(self, details: dict[str, Any]) -> int:
+        return self._append("session_start", {**details, "level": self.level})
+
+    def statement(self, ev: StatementEvent) -> int:
+        self.statements += 1
+        ticket = self._append(
+            "statement",
+            {
+                "statement": ev.statement,
+                "parameters": ev.parameters,
+                "fingerprint": ev.fingerprint,
+                "classes": list(ev.classes),
+                "command": ev.command,
+                "protocol": ev.protocol,
+                "decision": ev.decision,
+                "policy": ev.policy,
+            },
+            ev.start,
+        )
+        ev.seq = self.seq
+        return ticket
+
+    def approval(self, ev: StatementEvent) -> int:
+        a = ev.approval or {}
+        return self._append(
+            "approval",
+            {
+                "ref": ev.seq,
+                "request": a.get("request"),
+                "state": a.get("state"),
+                "decidedBy": a.get("decidedBy"),
+                "comment": a.get("comment"),
+                "decision": ev.decision,
+            },
+        )
+
+    def outcome(self, ev: StatementEvent) -> None:
+        fields: dict[str, Any] = {
+            "ref": ev.seq,
+            "decision": ev.decision,
+            "durationMs": round(ev.duration_ms, 3),
+            "rows": ev.rows,
+            "bytes": ev.bytes,
+            "commandTag": ev.command_tag,
+            "error": ev.error,
+            "suspended": ev.suspended,
+        }
+        if ev.result is not None:
+            fields["result"] = ev.result
+        self._append("outcome", fields)
+
+    def end(
+        self,
+        reason: str,
+        *,
+        statements: int | None,
+        duration_s: float | None,
+        recovered: bool = False,
+    ) -> None:
+        now = time.time()
+        count = None if recovered else statements
+        self._append(
+            "session_end",
+            {
+                "reason": reason,
+                "statements": count,
+                "durationS": duration_s,
+                "recovered": recovered,
+            },
+            now,
+        )
+        manifest = {
+            "v": VERSION,
+            "sessionId": self.session_id,
+            "connection": self.connection,
+            "identity": self.identity,
+            "start": self.start_iso,
+            "end": iso(now),
+            "events": self.seq,
+            "lastSeq": self.seq,
+            "finalHash": self.hash,
+            "endReason": reason,
+            "recovered": recovered,
+            "statements": count,
+        }
+        meta = session_meta(self.session_id, self.connection, self.identity, self.start_iso)
+        try:
+            self.recorder.spool.append_internal(
+                "manifest", {"prefix": meta["prefix"], "manifest": manifest}
+            )
+        except SpoolError as e:
+            log.error(
+                "recording: manifest lost", extra={"session_id": self.session_id, "error": str(e)}
+            )

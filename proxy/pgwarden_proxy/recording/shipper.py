@@ -1,0 +1,168 @@
+"""Uploads sealed spool segments to the sink, one chunk object per session, then deletes them.
+
+A segment is deleted only after the sink confirmed every object made from it; a failure is
+retried with backoff, from the same segment, and uploads are idempotent (same keys, same bytes),
+so a crash at any point ships everything exactly once in the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pgwarden.recording.format import (
+    Manifest,
+    SessionIndex,
+    chunk_key,
+    identity_index_key,
+    manifest_key,
+    session_index_key,
+    session_prefix,
+    sign_manifest,
+)
+from pgwarden.recording.store import Store, StoreError
+from pgwarden_proxy.recording.spool import Spool
+
+log = logging.getLogger("pgwarden.recording")
+
+
+class _Chunk:
+    __slots__ = ("first", "last", "lines", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.lines: list[bytes] = []
+        self.first = 0
+        self.last = 0
+
+
+class Shipper:
+    def __init__(
+        self,
+        spool: Spool,
+        store: Store,
+        *,
+        signing_key: Any = None,
+        backoff: tuple[float, float] = (0.2, 30.0),
+    ) -> None:
+        self.spool = spool
+        self.store = store
+        self.signing_key = signing_key
+        self.backoff = backoff
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None  # the last failure, until a ship succeeds
+        self.objects = 0
+        self.segments = 0
+        self.failures = 0
+        self.last_success = 0.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pgwarden-shipper", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float) -> bool:
+        """Ship what is sealed, for up to `timeout` seconds; True when nothing is left."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():  # stuck in a call to the sink: leave it to the next start
+                return False
+        try:
+            self.ship_all(deadline)
+        except StoreError as e:
+            log.warning("recording: segments left in the spool for the next start: %s", e)
+        return not self.spool.sealed()
+
+    def _run(self) -> None:
+        delay = self.backoff[0]
+        while not self._stop.is_set():
+            try:
+                self.ship_all()
+                delay = self.backoff[0]
+                self._wake.wait(1.0)
+            except StoreError as e:
+                self.failures += 1
+                if self.error is None:
+                    log.warning("recording: the sink is unreachable, retrying: %s", e)
+                self.error = str(e)
+                self._wake.wait(delay)
+                delay = min(delay * 2, self.backoff[1])
+            except Exception:
+                log.exception("recording: shipping failed")
+                self._wake.wait(self.backoff[1])
+            self._wake.clear()
+
+    def ship_all(self, deadline: float | None = None) -> None:
+        for path in self.spool.sealed():
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            self.ship(path)
+            if self.error is not None:
+                log.info("recording: the sink is reachable again")
+                self.error = None
+            self.last_success = time.time()
+
+    def ship(self, path: Path) -> None:
+        chunks: dict[str, _Chunk] = {}
+        prefixes: dict[str, str] = {}
+        indexes: list[SessionIndex] = []
+        manifests: list[tuple[str, dict[str, Any]]] = []
+        for payload in self.spool.read(path):
+            obj = json.loads(payload)
+            kind = obj.get("spool")
+            if kind == "checkpoint":
+                for sid, o in obj["open"].items():
+                    prefixes[sid] = o["meta"]["prefix"]
+                continue
+            if kind == "manifest":
+                manifests.append((obj["prefix"], obj["manifest"]))
+                continue
+            sid = obj["sessionId"]
+            if obj["type"] == "session_start":
+                day = obj["time"][:10]
+                prefix = prefixes[sid] = session_prefix(obj["connection"], day, sid)
+                indexes.append(
+                    SessionIndex(
+                        session_id=sid,
+                        connection=obj["connection"],
+                        identity=obj["identity"],
+                        start=obj["time"],
+                        day=day,
+                        prefix=prefix,
+                    )
+                )
+            chunk = chunks.get(sid)
+            if chunk is None:
+                chunk = chunks[sid] = _Chunk(prefixes[sid])
+                chunk.first = obj["seq"]
+            chunk.last = obj["seq"]
+            chunk.lines.append(payload)
+        for chunk in chunks.values():
+            key = chunk_key(chunk.prefix, chunk.first, chunk.last)
+            self._put(key, b"\n".join(chunk.lines) + b"\n")
+        for index in indexes:
+            body = index.model_dump_json(by_alias=True).encode()
+            self._put(session_index_key(index.session_id), body)
+            self._put(identity_index_key(index.identity, index.day, index.session_id), body)
+        for prefix, raw in manifests:
+            manifest = Manifest.model_validate(raw)
+            if self.signing_key is not None:
+                manifest = sign_manifest(manifest, self.signing_key)
+            self._put(manifest_key(prefix), manifest.model_dump_json(by_alias=True).encode())
+        self.spool.shipped(path)
+        self.segments += 1
+
+    def _put(self, key: str, data: bytes) -> None:
+        self.store.put(key, data)
+        self.objects += 1
