@@ -92,7 +92,10 @@ class Recorder:
                 recovered=True,
             )
         if recovered:
-            log.warning("recording: closed %d sessions left open by a crash", len(recovered))
+            log.warning(
+                "recording: closed sessions left open by a crash",
+                extra={"sessions": sorted(recovered)},
+            )
         self.shipper.start()
         log.info(
             "recording",

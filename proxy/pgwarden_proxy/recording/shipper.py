@@ -81,7 +81,9 @@ class Shipper:
         try:
             self.ship_all(deadline)
         except StoreError as e:
-            log.warning("recording: segments left in the spool for the next start: %s", e)
+            log.warning(
+                "recording: segments left in the spool for the next start", extra={"error": str(e)}
+            )
         return not self.spool.sealed()
 
     def _run(self) -> None:
@@ -94,7 +96,9 @@ class Shipper:
             except StoreError as e:
                 self.failures += 1
                 if self.error is None:
-                    log.warning("recording: the sink is unreachable, retrying: %s", e)
+                    log.warning(
+                        "recording: the sink is unreachable, retrying", extra={"error": str(e)}
+                    )
                 self.error = str(e)
                 self._wake.wait(delay)
                 delay = min(delay * 2, self.backoff[1])

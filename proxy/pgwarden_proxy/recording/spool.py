@@ -149,8 +149,11 @@ class Spool:
         self._on_sealed = on_sealed
         self._cond = threading.Condition()
         self._buf: list[bytes] = []
+        self._buf_tracks: list[Track] = []
         self._buf_bytes = 0
         self._tickets = 0  # appended records
+        # the sessions open after the records written so far (the writer's own; a new segment's
+        # checkpoint is a copy, so it covers exactly the records of the segments before it)
         self._open: dict[str, OpenSession] = {}
         self._segment: _Segment | None = None
         self._last_name = 0
@@ -207,9 +210,8 @@ class Spool:
             return
         if good < len(data):
             log.warning(
-                "spool: dropped a torn record at the end of %s (%d bytes); its statement never ran",
-                path.name,
-                len(data) - good,
+                "spool: dropped a torn record at the end of a segment; its statement never ran",
+                extra={"segment": path.name, "bytes": len(data) - good},
             )
             with open(path, "r+b") as f:
                 f.truncate(good)
@@ -241,7 +243,7 @@ class Spool:
             self.stats.bytes += len(data)
             self._tickets += 1
             if track is not None:
-                _apply(self._open, track)
+                self._buf_tracks.append(track)
             if len(self._buf) == 1:
                 self._cond.notify()
             return self._tickets
@@ -266,19 +268,20 @@ class Spool:
                 while not self._buf and not self._stopping and not self._due():
                     self._cond.wait(self._wait_time())
                 batch, self._buf = self._buf, []
+                tracks, self._buf_tracks = self._buf_tracks, []
                 size, self._buf_bytes = self._buf_bytes, 0
                 ticket = self._tickets
-                rotate = self._due() or self._segment is None
-                snapshot = {k: v.as_json() for k, v in self._open.items()} if rotate else None
                 stopping = self._stopping
             try:
-                if snapshot is not None:
+                if self._due() or self._segment is None:
                     if batch:
-                        self._rotate(snapshot)
+                        self._rotate()
                     else:
                         self._seal()  # sealed by age; the next record opens a new one
                 if batch:
                     self._write(batch, size)
+                    for track in tracks:
+                        _apply(self._open, track)
                     self._on_durable(ticket)
                 if stopping:
                     self._seal()
@@ -319,8 +322,9 @@ class Spool:
         seg.size += size
         seg.records += len(batch)
 
-    def _rotate(self, snapshot: dict[str, Any]) -> None:
+    def _rotate(self) -> None:
         self._seal()
+        snapshot = {k: v.as_json() for k, v in self._open.items()}
         name = max(time.time_ns(), self._last_name + 1)
         self._last_name = name
         path = self.dir / f"{name:020d}.open"
@@ -359,7 +363,7 @@ class Spool:
             os.close(fd)
 
     def _fail(self, message: str) -> None:
-        log.error("spool: %s", message)
+        log.error("spool: the recording spool failed", extra={"error": message})
         with self._cond:
             self.failed = message
             self._buf.clear()
