@@ -8,7 +8,8 @@ default configuration (statement events to the JSON log, here a file). Workloads
 (select-only simple and prepared at 1 and 8 clients, tpcb-like at 8) and a 1M-row read with psql.
 A second pgwarden ("policy") runs a realistic policy: guardrails, one masked column
 (`pgbench_accounts.filler`, which the 1M-row read returns) and three content detectors.
-Rounds interleave the three targets so that drift on a shared machine hits all of them alike;
+A third ("recorded") records every session (spool fsynced on this disk, file sink).
+Rounds interleave the targets so that drift on a shared machine hits all of them alike;
 the report gives the median of each and the ratios. Numbers depend on the machine: compare
 ratios, not absolute values.
 """
@@ -123,6 +124,7 @@ def start_pgwarden(
     statement_log: bool,
     name: str = "pgwarden",
     policy: dict[str, object] | None = None,
+    recording: bool = False,
 ) -> tuple[subprocess.Popen[bytes], Target]:
     port = free_port()
     config = {
@@ -146,6 +148,11 @@ def start_pgwarden(
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "logging": {"statements": statement_log},
     }
+    if recording:  # spool and recordings on this machine's disk, fsynced as in production
+        config["recording"] = {
+            "spoolDir": str(workdir / f"{name}-spool"),
+            "sink": {"file": {"dir": str(workdir / f"{name}-recordings")}},
+        }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = (workdir / f"{name}.log").open("w")
@@ -282,7 +289,12 @@ def main() -> int:
                 REALISTIC_POLICY,
             )
             procs.append(policy_proc)
-            targets = [direct, bouncer, warden, policy]
+            recorded_proc, recorded = start_pgwarden(
+                pg, password, issuer, workdir, not args.no_statement_log, "recorded",
+                recording=True,
+            )  # fmt: skip
+            procs.append(recorded_proc)
+            targets = [direct, bouncer, warden, policy, recorded]
             results: dict[str, dict[str, list[float]]] = {
                 w: {t.name: [] for t in targets} for w in workloads
             }
@@ -314,11 +326,12 @@ def report(
         f"\n{os.cpu_count()} cores; {args.rounds} interleaved rounds of {args.seconds}s; "
         "median of rounds\n"
     )
-    print("policy = pgwarden with guardrails, one masked column and three detectors\n")
+    print("policy = pgwarden with guardrails, one masked column and three detectors")
+    print("recorded = pgwarden recording every statement (spool fsynced, file sink)\n")
     head = (
         f"{'workload':20} {'unit':7} {'direct':>9} {'pgbouncer':>9} {'pgwarden':>9} "
-        f"{'policy':>9} {'bouncer/dir':>11} {'warden/dir':>10} {'warden/bnc':>10} "
-        f"{'policy/warden':>13} {'policy/dir':>10}"
+        f"{'policy':>9} {'recorded':>9} {'bouncer/dir':>11} {'warden/dir':>10} "
+        f"{'warden/bnc':>10} {'policy/warden':>13} {'policy/dir':>10} {'rec/warden':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -326,9 +339,10 @@ def report(
     for wname, (unit, _) in workloads.items():
         med = {t: statistics.median(v) for t, v in results[wname].items()}
         d, b, w, p = med["direct"], med["pgbouncer"], med["pgwarden"], med["policy"]
+        rec = med["recorded"]
         print(
-            f"{wname:20} {unit:7} {d:9.0f} {b:9.0f} {w:9.0f} {p:9.0f} {b / d:11.2f} "
-            f"{w / d:10.2f} {w / b:10.2f} {p / w:13.2f} {p / d:10.2f}"
+            f"{wname:20} {unit:7} {d:9.0f} {b:9.0f} {w:9.0f} {p:9.0f} {rec:9.0f} {b / d:11.2f} "
+            f"{w / d:10.2f} {w / b:10.2f} {p / w:13.2f} {p / d:10.2f} {rec / w:10.2f}"
         )
         summary[wname] = {
             "unit": unit,
@@ -339,6 +353,7 @@ def report(
             "pgwarden/pgbouncer": w / b,
             "policy/pgwarden": p / w,
             "policy/direct": p / d,
+            "recorded/pgwarden": rec / w,
         }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -68,6 +68,7 @@ _PARSER_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding", 
 _DATAROW, _COPYDATA = ord("D"), ord("d")
 # where one statement's rows end: CommandComplete, PortalSuspended, Error, EmptyQuery, Ready
 _STATEMENT_END = frozenset(b"CsEIZc")
+_READ = ("read",)  # StatementEvent.classes of a statement that only reads
 # what masking looks at: COPY rows, RowDescription, CopyOutResponse (rows come as `Rows`)
 _MASKED_TYPES = frozenset(b"dTH")
 _UNKNOWN_STATEMENT = StatementInfo(
@@ -173,11 +174,14 @@ class Session:
         self.policy = EffectivePolicy.combine(())  # set at login, renewed after a reload
         self._policy_generation = -1
         self._max_rows: int | None = None  # the effective policy's maxRows
-        # the recording: statements go upstream once their event is durable (ticket `_need`);
-        # what the client sends meanwhile waits in `_deferred`
+        # the recording: a statement that may change anything goes upstream once its event is
+        # durable (spool ticket `_need`); answers go to the client once the events of every
+        # statement so far are (`_need_answer`). What waits meanwhile is in `_deferred*`.
         self._rec: SessionRecorder | None = None
         self._need = 0
+        self._need_answer = 0
         self._deferred: list[bytes] | None = None
+        self._deferred_answer: list[bytes] | None = None
         self._capture: ResultCapture | None = None  # level `results`: the rows sent
 
     # ================================================================== lifecycle
@@ -964,7 +968,9 @@ class Session:
         assert self.upstream is not None
         # the server holds extended-protocol answers until Sync or Flush: ask for them now
         self._to_server([_FLUSH])
-        while not (self.tracker.idle and self._server_scanner.at_boundary):
+        while not (
+            self.tracker.idle and self._server_scanner.at_boundary and self._deferred_answer is None
+        ):
             if self.client.closed:
                 return
             await asyncio.sleep(0.01)
@@ -1053,10 +1059,17 @@ class Session:
 
     def _intend(self, ops: list[Op]) -> None:
         rec = self._rec
-        if rec is not None:
-            for op in ops:
-                if not op.event.seq:
-                    self._need = rec.statement(op.event)
+        if rec is None:
+            return
+        for op in ops:
+            ev = op.event
+            if not ev.seq:
+                ticket = self._need_answer = rec.statement(ev)
+                # A read changes nothing: it may run while its event is being written, as long
+                # as its answer waits (a crash then leaves the client without the rows).
+                # Anything else runs only once its event is on disk.
+                if ev.classes != _READ or ev.decision == "hold":
+                    self._need = ticket
 
     def _to_server(self, chunks: list[bytes]) -> None:
         """Client messages go upstream once the events of their statements are durable."""
@@ -1071,17 +1084,51 @@ class Session:
             rec.recorder.when_durable(self._need, self._recorded)
         self._deferred.extend(chunks)
 
+    def _to_client(self, chunks: list[bytes]) -> None:
+        """Answers go to the client once the events of their statements are durable."""
+        if self._deferred_answer is None:
+            rec = self._rec
+            if rec is None or self._need_answer <= rec.recorder.durable:
+                self.client.writelines(chunks)
+                return
+            self._deferred_answer = []
+            assert self.upstream is not None
+            self.upstream.endpoint.hold()  # what the server sends meanwhile stays in the socket
+            rec.recorder.when_durable(self._need_answer, self._answers_recorded)
+        self._deferred_answer.extend(chunks)
+
+    def _answers_recorded(self, durable: bool) -> None:
+        rec = self._rec
+        assert rec is not None
+        if not durable:
+            self._deferred_answer = None
+            self._recording_failed()
+            return
+        if self._need_answer > rec.recorder.durable:
+            rec.recorder.when_durable(self._need_answer, self._answers_recorded)
+            return
+        chunks, self._deferred_answer = self._deferred_answer, None
+        if chunks and not self.client.closed:
+            self.client.writelines(chunks)
+        up = self.upstream
+        if up is not None and not up.endpoint.closed:
+            up.endpoint.release()
+
+    def _recording_failed(self) -> None:
+        rec = self._rec
+        assert rec is not None
+        why = rec.recorder.refusal()
+        self._close(
+            why or _fatal("58030", "pgwarden: the recording failed; nothing may run unrecorded"),
+            reason="recording failed",
+        )
+
     def _recorded(self, durable: bool) -> None:
         rec = self._rec
         assert rec is not None
         if not durable:
             self._deferred = None
-            why = rec.recorder.refusal()
-            self._close(
-                why
-                or _fatal("58030", "pgwarden: the recording failed; nothing may run unrecorded"),
-                reason="recording failed",
-            )
+            self._recording_failed()
             return
         if self._need > rec.recorder.durable:
             rec.recorder.when_durable(self._need, self._recorded)
@@ -1142,14 +1189,14 @@ class Session:
                     hazard = self._parameter_status(item.body) or hazard
         except ProtocolViolation as e:
             if out:
-                self.client.writelines(out)
+                self._to_client(out)
             self._close(
                 _fatal("08P01", "pgwarden: the database sent invalid data"),
                 reason=f"upstream protocol violation: {e}",
             )
             return
         if out:
-            self.client.writelines(out)
+            self._to_client(out)
             self.server.metrics.bytes_to_client.inc(len(data))
         if hazard is not None:
             # A SET after login can do what the startup checks refuse: end the session before

@@ -202,8 +202,11 @@ class SessionRecorder:
         self.start_iso = ""
         self.statements = 0
 
-    def _append(self, type_: str, fields: dict[str, Any], t: float | None = None) -> int:
-        """Chain and spool one event; returns its ticket (-1: the spool failed)."""
+    def _append(
+        self, type_: str, fields: dict[str, Any], t: float | None = None, *, urgent: bool = False
+    ) -> int:
+        """Chain and spool one event; returns its ticket (-1: the spool failed). `urgent`: the
+        caller will wait for it (a statement about to run)."""
         when = iso(time.time() if t is None else t)
         self.seq += 1
         event = {
@@ -225,7 +228,7 @@ class SessionRecorder:
             meta = session_meta(self.session_id, self.connection, self.identity, when)
         track = Track(self.session_id, self.seq, self.hash, meta, type_ == "session_end")
         try:
-            return self.recorder.spool.append(line, track)
+            return self.recorder.spool.append(line, track, urgent=urgent)
         except SpoolError as e:
             log.error(
                 "recording: event lost", extra={"session_id": self.session_id, "error": str(e)}
@@ -250,6 +253,7 @@ class SessionRecorder:
                 "policy": ev.policy,
             },
             ev.start,
+            urgent=True,
         )
         ev.seq = self.seq
         return ticket
@@ -266,6 +270,7 @@ class SessionRecorder:
                 "comment": a.get("comment"),
                 "decision": ev.decision,
             },
+            urgent=True,
         )
 
     def outcome(self, ev: StatementEvent) -> None:

@@ -33,6 +33,9 @@ log = logging.getLogger("pgwarden.recording")
 MAGIC = b"PW"
 _HEAD = struct.Struct(">2sII")
 MAX_PAYLOAD = 64 * 1024 * 1024
+# how long a record nobody waits for (a statement's outcome, a session's end) may stay
+# unwritten; a record somebody waits for (a statement about to run) takes it along earlier
+LAZY_SECONDS = 0.05
 
 
 def frame(payload: bytes) -> bytes:
@@ -151,6 +154,8 @@ class Spool:
         self._buf: list[bytes] = []
         self._buf_tracks: list[Track] = []
         self._buf_bytes = 0
+        self._buf_since = 0.0  # monotonic time of the oldest buffered record
+        self._urgent = False  # a buffered record is waited for
         self._tickets = 0  # appended records
         # the sessions open after the records written so far (the writer's own; a new segment's
         # checkpoint is a copy, so it covers exactly the records of the segments before it)
@@ -175,6 +180,8 @@ class Spool:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            os.close(self._lock_fd)
+            self._lock_fd = None
             raise SpoolError(
                 f"recording.spoolDir {self.dir} is in use by another process (each proxy needs "
                 "its own spool directory)"
@@ -232,24 +239,39 @@ class Spool:
     def full(self) -> bool:
         return self.stats.bytes >= self.max_bytes
 
-    def append(self, payload: bytes, track: Track | None = None) -> int:
-        """Queue a record; returns its ticket (durable once `on_durable` reported it)."""
+    def append(self, payload: bytes, track: Track | None = None, *, urgent: bool = True) -> int:
+        """Queue a record; returns its ticket (durable once `on_durable` reported it).
+
+        An urgent record (someone waits for it) is written at once; others wait for the next
+        urgent one or for `LAZY_SECONDS`, so that one fsync covers both."""
         data = frame(payload)
         with self._cond:
             if self.failed is not None:
                 raise SpoolError(self.failed)
+            if not self._buf:
+                self._buf_since = time.monotonic()
             self._buf.append(data)
             self._buf_bytes += len(data)
             self.stats.bytes += len(data)
             self._tickets += 1
             if track is not None:
                 self._buf_tracks.append(track)
-            if len(self._buf) == 1:
+            wake = len(self._buf) == 1  # the writer's wait must now end by LAZY_SECONDS
+            if urgent and not self._urgent:
+                self._urgent = wake = True
+            if wake:
                 self._cond.notify()
             return self._tickets
 
-    def append_internal(self, kind: str, body: dict[str, Any]) -> int:
-        return self.append(json.dumps({"spool": kind, **body}, separators=(",", ":")).encode())
+    def append_internal(self, kind: str, body: dict[str, Any], *, urgent: bool = False) -> int:
+        payload = json.dumps({"spool": kind, **body}, separators=(",", ":")).encode()
+        return self.append(payload, urgent=urgent)
+
+    def _ready(self) -> bool:
+        """Whether the writer has work now (called holding the condition)."""
+        if self._urgent or self._stopping or self._due():
+            return True
+        return bool(self._buf) and time.monotonic() - self._buf_since >= LAZY_SECONDS
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is buffered, seal the open segment, stop the writer."""
@@ -265,8 +287,9 @@ class Spool:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._buf and not self._stopping and not self._due():
+                while not self._ready():
                     self._cond.wait(self._wait_time())
+                self._urgent = False
                 batch, self._buf = self._buf, []
                 tracks, self._buf_tracks = self._buf_tracks, []
                 size, self._buf_bytes = self._buf_bytes, 0
@@ -276,6 +299,11 @@ class Spool:
                 if self._due() or self._segment is None:
                     if batch:
                         self._rotate()
+                    elif self._open and not stopping:
+                        # sealed by age or size while sessions are open: the next segment
+                        # begins with their checkpoint now, so that the spool still knows them
+                        # after the sealed one is shipped and deleted (and a crash then)
+                        self._rotate(sync=True)
                     else:
                         self._seal()  # sealed by age; the next record opens a new one
                 if batch:
@@ -299,10 +327,14 @@ class Spool:
         )
 
     def _wait_time(self) -> float | None:
+        now = time.monotonic()
+        waits = []
+        if self._buf:
+            waits.append(LAZY_SECONDS - (now - self._buf_since))
         seg = self._segment
-        if seg is None or seg.records == 0:
-            return None
-        return max(0.0, self.ship_interval - (time.monotonic() - seg.first))
+        if seg is not None and seg.records:
+            waits.append(self.ship_interval - (now - seg.first))
+        return max(0.0, min(waits)) if waits else None
 
     def _write(self, batch: list[bytes], size: int) -> None:
         seg = self._segment
@@ -322,7 +354,7 @@ class Spool:
         seg.size += size
         seg.records += len(batch)
 
-    def _rotate(self) -> None:
+    def _rotate(self, sync: bool = False) -> None:
         self._seal()
         snapshot = {k: v.as_json() for k, v in self._open.items()}
         name = max(time.time_ns(), self._last_name + 1)
@@ -333,6 +365,8 @@ class Spool:
         self._fsync_dir()
         head = frame(json.dumps({"spool": "checkpoint", "open": snapshot}).encode())
         os.write(fd, head)
+        if sync:  # no record follows at once (whose write would sync the checkpoint too)
+            os.fdatasync(fd)
         self._segment.size = len(head)
         with self._cond:
             self.stats.bytes += len(head)
