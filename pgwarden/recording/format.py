@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 VERSION = 1
@@ -32,12 +34,20 @@ def event_hash(line: bytes) -> str:
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
-    """One event record as stored (no newline)."""
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    """One event record as stored (no newline): compact UTF-8 JSON."""
+    return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS)
+
+
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """ISO-8601 UTC with microseconds (`2026-11-27T17:19:18.156326Z`); two per statement, so
+    the date part is formatted once a second."""
+    sec = int(ts)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int((ts - sec) * 1_000_000):06d}Z"
 
 
 def day_of(ts: float) -> str:

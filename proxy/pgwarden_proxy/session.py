@@ -174,14 +174,12 @@ class Session:
         self.policy = EffectivePolicy.combine(())  # set at login, renewed after a reload
         self._policy_generation = -1
         self._max_rows: int | None = None  # the effective policy's maxRows
-        # the recording: a statement that may change anything goes upstream once its event is
-        # durable (spool ticket `_need`); answers go to the client once the events of every
-        # statement so far are (`_need_answer`). What waits meanwhile is in `_deferred*`.
+        # the recording: every statement's event is written before the statement goes
+        # upstream; one that may change anything waits for the fsync too (spool ticket
+        # `_need`), and what the client sends meanwhile waits in `_deferred`
         self._rec: SessionRecorder | None = None
         self._need = 0
-        self._need_answer = 0
         self._deferred: list[bytes] | None = None
-        self._deferred_answer: list[bytes] | None = None
         self._capture: ResultCapture | None = None  # level `results`: the rows sent
 
     # ================================================================== lifecycle
@@ -968,9 +966,7 @@ class Session:
         assert self.upstream is not None
         # the server holds extended-protocol answers until Sync or Flush: ask for them now
         self._to_server([_FLUSH])
-        while not (
-            self.tracker.idle and self._server_scanner.at_boundary and self._deferred_answer is None
-        ):
+        while not (self.tracker.idle and self._server_scanner.at_boundary):
             if self.client.closed:
                 return
             await asyncio.sleep(0.01)
@@ -1064,11 +1060,12 @@ class Session:
         for op in ops:
             ev = op.event
             if not ev.seq:
-                ticket = self._need_answer = rec.statement(ev)
-                # A read changes nothing: it may run while its event is being written, as long
-                # as its answer waits (a crash then leaves the client without the rows).
-                # Anything else runs only once its event is on disk.
-                if ev.classes != _READ or ev.decision == "hold":
+                # A read changes nothing: its event, written to the spool file, is safe from a
+                # killed proxy and is fsynced within 50 ms. Anything that may change something
+                # runs only once its event is fsynced (safe from a machine crash too).
+                wait = ev.decision != "refuse" and (ev.classes != _READ or ev.decision == "hold")
+                ticket = rec.statement(ev, sync=wait)
+                if wait or ticket < 0:
                     self._need = ticket
 
     def _to_server(self, chunks: list[bytes]) -> None:
@@ -1077,42 +1074,12 @@ class Session:
         assert up is not None
         if self._deferred is None:
             rec = self._rec
-            if rec is None or self._need <= rec.recorder.durable:
+            if rec is None or 0 <= self._need <= rec.recorder.durable:
                 up.endpoint.writelines(chunks)
                 return
             self._deferred = []
             rec.recorder.when_durable(self._need, self._recorded)
         self._deferred.extend(chunks)
-
-    def _to_client(self, chunks: list[bytes]) -> None:
-        """Answers go to the client once the events of their statements are durable."""
-        if self._deferred_answer is None:
-            rec = self._rec
-            if rec is None or self._need_answer <= rec.recorder.durable:
-                self.client.writelines(chunks)
-                return
-            self._deferred_answer = []
-            assert self.upstream is not None
-            self.upstream.endpoint.hold()  # what the server sends meanwhile stays in the socket
-            rec.recorder.when_durable(self._need_answer, self._answers_recorded)
-        self._deferred_answer.extend(chunks)
-
-    def _answers_recorded(self, durable: bool) -> None:
-        rec = self._rec
-        assert rec is not None
-        if not durable:
-            self._deferred_answer = None
-            self._recording_failed()
-            return
-        if self._need_answer > rec.recorder.durable:
-            rec.recorder.when_durable(self._need_answer, self._answers_recorded)
-            return
-        chunks, self._deferred_answer = self._deferred_answer, None
-        if chunks and not self.client.closed:
-            self.client.writelines(chunks)
-        up = self.upstream
-        if up is not None and not up.endpoint.closed:
-            up.endpoint.release()
 
     def _recording_failed(self) -> None:
         rec = self._rec
@@ -1189,14 +1156,14 @@ class Session:
                     hazard = self._parameter_status(item.body) or hazard
         except ProtocolViolation as e:
             if out:
-                self._to_client(out)
+                self.client.writelines(out)
             self._close(
                 _fatal("08P01", "pgwarden: the database sent invalid data"),
                 reason=f"upstream protocol violation: {e}",
             )
             return
         if out:
-            self._to_client(out)
+            self.client.writelines(out)
             self.server.metrics.bytes_to_client.inc(len(data))
         if hazard is not None:
             # A SET after login can do what the startup checks refuse: end the session before

@@ -203,10 +203,16 @@ class SessionRecorder:
         self.statements = 0
 
     def _append(
-        self, type_: str, fields: dict[str, Any], t: float | None = None, *, urgent: bool = False
+        self,
+        type_: str,
+        fields: dict[str, Any],
+        t: float | None = None,
+        *,
+        now: bool = False,
+        sync: bool = False,
     ) -> int:
-        """Chain and spool one event; returns its ticket (-1: the spool failed). `urgent`: the
-        caller will wait for it (a statement about to run)."""
+        """Chain and spool one event; returns its ticket (-1: the spool failed). `now`, `sync`:
+        see `Spool.append`."""
         when = iso(time.time() if t is None else t)
         self.seq += 1
         event = {
@@ -228,7 +234,7 @@ class SessionRecorder:
             meta = session_meta(self.session_id, self.connection, self.identity, when)
         track = Track(self.session_id, self.seq, self.hash, meta, type_ == "session_end")
         try:
-            return self.recorder.spool.append(line, track, urgent=urgent)
+            return self.recorder.spool.append(line, track, now=now, sync=sync)
         except SpoolError as e:
             log.error(
                 "recording: event lost", extra={"session_id": self.session_id, "error": str(e)}
@@ -238,7 +244,9 @@ class SessionRecorder:
     def begin(self, details: dict[str, Any]) -> int:
         return self._append("session_start", {**details, "level": self.level})
 
-    def statement(self, ev: StatementEvent) -> int:
+    def statement(self, ev: StatementEvent, *, sync: bool) -> int:
+        """A statement as decided, written before it runs; `sync`: the caller waits for the
+        fsync (a statement that may change something)."""
         self.statements += 1
         ticket = self._append(
             "statement",
@@ -253,7 +261,8 @@ class SessionRecorder:
                 "policy": ev.policy,
             },
             ev.start,
-            urgent=True,
+            now=True,
+            sync=sync,
         )
         ev.seq = self.seq
         return ticket
@@ -270,7 +279,8 @@ class SessionRecorder:
                 "comment": a.get("comment"),
                 "decision": ev.decision,
             },
-            urgent=True,
+            now=True,
+            sync=True,
         )
 
     def outcome(self, ev: StatementEvent) -> None:

@@ -7,12 +7,13 @@ so a crash at any point ships everything exactly once in the end.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from pgwarden.recording.format import (
     Manifest,
@@ -123,7 +124,7 @@ class Shipper:
         indexes: list[SessionIndex] = []
         manifests: list[tuple[str, dict[str, Any]]] = []
         for payload in self.spool.read(path):
-            obj = json.loads(payload)
+            obj = orjson.loads(payload)
             kind = obj.get("spool")
             if kind == "checkpoint":
                 for sid, o in obj["open"].items():

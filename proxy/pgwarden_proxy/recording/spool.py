@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -26,15 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from pgwarden.recording.format import event_hash, session_prefix
 
 log = logging.getLogger("pgwarden.recording")
 
 MAGIC = b"PW"
 _HEAD = struct.Struct(">2sII")
-MAX_PAYLOAD = 64 * 1024 * 1024
+MAX_PAYLOAD = 256 * 1024 * 1024  # limits.maxMessageBytes at most: a statement's text fits
+HEADROOM = 1024 * 1024
 # how long a record nobody waits for (a statement's outcome, a session's end) may stay
-# unwritten; a record somebody waits for (a statement about to run) takes it along earlier
+# unwritten, and a written one unsynced; an urgent record takes them along earlier
 LAZY_SECONDS = 0.05
 
 
@@ -99,7 +103,7 @@ class Track:
 def _record_track(payload: bytes) -> tuple[str, Track | None]:
     """The kind of a spooled payload ("event", "checkpoint", "manifest") and, for events, its
     effect on the open sessions (read back during recovery)."""
-    obj = json.loads(payload)
+    obj = orjson.loads(payload)
     kind = obj.get("spool")
     if kind is not None:
         return str(kind), None
@@ -112,11 +116,20 @@ def _record_track(payload: bytes) -> tuple[str, Track | None]:
 
 @dataclass
 class _Segment:
+    """The open segment: a file of reserved size, mapped, so that writing a record is a copy
+    into the page cache (which outlives a killed process) and not a system call."""
+
     path: Path
     fd: int
-    size: int = 0
+    map: mmap.mmap
+    size: int = 0  # bytes used
     records: int = 0
     first: float = 0.0  # monotonic time of its first record
+
+    def put(self, data: bytes) -> None:
+        end = self.size + len(data)
+        self.map[self.size : end] = data
+        self.size = end
 
 
 @dataclass
@@ -150,13 +163,18 @@ class Spool:
         self._on_durable = on_durable
         self._on_failed = on_failed
         self._on_sealed = on_sealed
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # (an RLock costs more)
+        # records not yet written (nobody waits for them), with their effect on `_open`
         self._buf: list[bytes] = []
-        self._buf_tracks: list[Track] = []
+        self._buf_tracks: list[Track | None] = []
         self._buf_bytes = 0
         self._buf_since = 0.0  # monotonic time of the oldest buffered record
-        self._urgent = False  # a buffered record is waited for
-        self._tickets = 0  # appended records
+        self._tickets = 0  # records appended
+        self._written = 0  # records written to a segment file (safe from a killed process)
+        self._written_since = 0.0
+        self._synced = 0  # records fsynced (safe from a machine crash)
+        self._reported = 0  # the highest ticket given to on_durable
+        self._sync_wanted = False  # an urgent record waits for an fsync
         # the sessions open after the records written so far (the writer's own; a new segment's
         # checkpoint is a copy, so it covers exactly the records of the segments before it)
         self._open: dict[str, OpenSession] = {}
@@ -198,7 +216,7 @@ class Spool:
                 kind, track = _record_track(payload)
                 if kind == "checkpoint":
                     if first:  # later checkpoints repeat what the records already say
-                        for sid, o in json.loads(payload)["open"].items():
+                        for sid, o in orjson.loads(payload)["open"].items():
                             recovered[sid] = OpenSession(o["meta"], o["seq"], o["hash"])
                 elif track is not None:
                     _apply(recovered, track)
@@ -239,11 +257,16 @@ class Spool:
     def full(self) -> bool:
         return self.stats.bytes >= self.max_bytes
 
-    def append(self, payload: bytes, track: Track | None = None, *, urgent: bool = True) -> int:
-        """Queue a record; returns its ticket (durable once `on_durable` reported it).
+    def append(
+        self, payload: bytes, track: Track | None = None, *, now: bool = False, sync: bool = False
+    ) -> int:
+        """Add a record; returns its ticket, durable once `on_durable` reported it.
 
-        An urgent record (someone waits for it) is written at once; others wait for the next
-        urgent one or for `LAZY_SECONDS`, so that one fsync covers both."""
+        `now`: written to the segment file at once, in the caller's thread, so that a killed
+        process cannot lose it (a statement about to run). `sync`: also fsynced at once (group
+        commit: one fsync covers every record written meanwhile), for a caller that waits for
+        it. Otherwise the record is written with the next such record, or by the writer within
+        LAZY_SECONDS, and fsynced within LAZY_SECONDS of its write."""
         data = frame(payload)
         with self._cond:
             if self.failed is not None:
@@ -251,27 +274,27 @@ class Spool:
             if not self._buf:
                 self._buf_since = time.monotonic()
             self._buf.append(data)
+            self._buf_tracks.append(track)
             self._buf_bytes += len(data)
             self.stats.bytes += len(data)
             self._tickets += 1
-            if track is not None:
-                self._buf_tracks.append(track)
-            wake = len(self._buf) == 1  # the writer's wait must now end by LAZY_SECONDS
-            if urgent and not self._urgent:
-                self._urgent = wake = True
-            if wake:
-                self._cond.notify()
+            if now or sync:
+                try:
+                    fresh = self._write_buffered()
+                except OSError as e:
+                    self._fail(f"the recording spool cannot be written ({self.dir}: {e})")
+                    raise SpoolError(self.failed or "") from e
+                if sync and not self._sync_wanted:
+                    self._sync_wanted = True
+                    self._cond.notify()
+                elif fresh:
+                    self._cond.notify()  # the writer times the lazy fsync from now
+            elif len(self._buf) == 1:
+                self._cond.notify()  # the writer times the lazy write from now
             return self._tickets
 
-    def append_internal(self, kind: str, body: dict[str, Any], *, urgent: bool = False) -> int:
-        payload = json.dumps({"spool": kind, **body}, separators=(",", ":")).encode()
-        return self.append(payload, urgent=urgent)
-
-    def _ready(self) -> bool:
-        """Whether the writer has work now (called holding the condition)."""
-        if self._urgent or self._stopping or self._due():
-            return True
-        return bool(self._buf) and time.monotonic() - self._buf_since >= LAZY_SECONDS
+    def append_internal(self, kind: str, body: dict[str, Any]) -> int:
+        return self.append(json.dumps({"spool": kind, **body}, separators=(",", ":")).encode())
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is buffered, seal the open segment, stop the writer."""
@@ -284,38 +307,77 @@ class Spool:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _write_buffered(self) -> bool:
+        """Write the buffered records to the open segment (holding the condition); True when
+        nothing written before was waiting for an fsync."""
+        data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
+        seg = self._segment
+        if seg is None or seg.size + len(data) > len(seg.map):
+            self._rotate(len(data))  # (the writer rotates earlier, unless writes outrun it)
+            seg = self._segment
+            assert seg is not None
+        if seg.records == 0:
+            seg.first = time.monotonic()
+        fresh = self._written == self._synced
+        if fresh:
+            self._written_since = time.monotonic()
+        seg.put(data)
+        seg.records += len(self._buf)
+        for track in self._buf_tracks:
+            if track is not None:
+                _apply(self._open, track)
+        self.stats.appended += len(self._buf)
+        self._written = self._tickets
+        self._buf.clear()
+        self._buf_tracks.clear()
+        self._buf_bytes = 0
+        return fresh
+
+    def _ready(self) -> bool:
+        """Whether the writer has work now (called holding the condition)."""
+        if self._sync_wanted or self._stopping or self._due() or self._synced > self._reported:
+            return True
+        now = time.monotonic()
+        if self._buf and now - self._buf_since >= LAZY_SECONDS:
+            return True
+        return self._written > self._synced and now - self._written_since >= LAZY_SECONDS
+
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._ready():
-                    self._cond.wait(self._wait_time())
-                self._urgent = False
-                batch, self._buf = self._buf, []
-                tracks, self._buf_tracks = self._buf_tracks, []
-                size, self._buf_bytes = self._buf_bytes, 0
-                ticket = self._tickets
-                stopping = self._stopping
             try:
-                if self._due() or self._segment is None:
-                    if batch:
-                        self._rotate()
-                    elif self._open and not stopping:
-                        # sealed by age or size while sessions are open: the next segment
-                        # begins with their checkpoint now, so that the spool still knows them
-                        # after the sealed one is shipped and deleted (and a crash then)
-                        self._rotate(sync=True)
-                    else:
-                        self._seal()  # sealed by age; the next record opens a new one
-                if batch:
-                    self._write(batch, size)
-                    for track in tracks:
-                        _apply(self._open, track)
-                    self._on_durable(ticket)
-                if stopping:
-                    self._seal()
-                    return
+                with self._cond:
+                    while not self._ready():
+                        self._cond.wait(self._wait_time())
+                    self._sync_wanted = False
+                    stopping = self._stopping
+                    if self._buf:
+                        self._write_buffered()
+                    ticket = self._written
+                    seg = self._segment
+                    unsynced = ticket > self._synced
+                if unsynced and seg is not None:
+                    t0 = time.perf_counter()
+                    os.fdatasync(seg.fd)  # without the lock: appends go on meanwhile
+                    self.stats.fsync_seconds += time.perf_counter() - t0
+                    self.stats.batches += 1
+                    with self._cond:
+                        self._synced = max(self._synced, ticket)
+                durable = self._synced
+                if durable > self._reported:
+                    self._reported = durable
+                    self._on_durable(durable)
+                with self._cond:
+                    if stopping:
+                        self._seal()
+                        return
+                    if self._due():
+                        if self._open:
+                            self._rotate()  # the next segment's checkpoint keeps the sessions
+                        else:
+                            self._seal()  # sealed by age; the next record opens a new one
             except OSError as e:
-                self._fail(f"the recording spool cannot be written ({self.dir}: {e})")
+                with self._cond:
+                    self._fail(f"the recording spool cannot be written ({self.dir}: {e})")
                 return
 
     def _due(self) -> bool:
@@ -331,62 +393,58 @@ class Spool:
         waits = []
         if self._buf:
             waits.append(LAZY_SECONDS - (now - self._buf_since))
+        if self._written > self._synced:
+            waits.append(LAZY_SECONDS - (now - self._written_since))
         seg = self._segment
         if seg is not None and seg.records:
             waits.append(self.ship_interval - (now - seg.first))
         return max(0.0, min(waits)) if waits else None
 
-    def _write(self, batch: list[bytes], size: int) -> None:
-        seg = self._segment
-        assert seg is not None
-        data = b"".join(batch)
-        view = memoryview(data)
-        while view:
-            n = os.write(seg.fd, view)
-            view = view[n:]
-        t0 = time.perf_counter()
-        os.fdatasync(seg.fd)
-        self.stats.fsync_seconds += time.perf_counter() - t0
-        self.stats.batches += 1
-        self.stats.appended += len(batch)
-        if seg.records == 0:
-            seg.first = time.monotonic()
-        seg.size += size
-        seg.records += len(batch)
-
-    def _rotate(self, sync: bool = False) -> None:
-        self._seal()
+    def _rotate(self, room: int = 0) -> None:
+        """Open the next segment, its checkpoint on disk, then seal the current one (so that a
+        crash between the two never leaves the open sessions unknown)."""
         snapshot = {k: v.as_json() for k, v in self._open.items()}
+        head = frame(json.dumps({"spool": "checkpoint", "open": snapshot}).encode())
         name = max(time.time_ns(), self._last_name + 1)
         self._last_name = name
         path = self.dir / f"{name:020d}.open"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        self._segment = _Segment(path, fd)
+        # the writer seals at segment_bytes; the headroom takes what arrives until it does
+        capacity = max(self.segment_bytes + HEADROOM, len(head) + room)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, capacity)  # blocks reserved now: a full disk fails here,
+            # cleanly, not later in a page fault (SIGBUS)
+            mapped = mmap.mmap(fd, capacity)
+        except OSError:
+            os.close(fd)
+            path.unlink()
+            raise
+        seg = _Segment(path, fd, mapped)
+        seg.put(head)
+        os.fdatasync(fd)
         self._fsync_dir()
-        head = frame(json.dumps({"spool": "checkpoint", "open": snapshot}).encode())
-        os.write(fd, head)
-        if sync:  # no record follows at once (whose write would sync the checkpoint too)
-            os.fdatasync(fd)
-        self._segment.size = len(head)
-        with self._cond:
-            self.stats.bytes += len(head)
+        self.stats.bytes += len(head)
+        self._seal()
+        self._segment = seg
 
     def _seal(self) -> None:
         seg, self._segment = self._segment, None
         if seg is None:
             return
         os.fdatasync(seg.fd)
+        seg.map.close()
+        os.ftruncate(seg.fd, seg.size)  # the unused reservation goes (trailing zeros would
+        # be harmless: a scan stops at them)
         os.close(seg.fd)
+        self._synced = self._written  # every record written so far was in this segment or older
         if seg.records == 0:
             seg.path.unlink()
-            with self._cond:
-                self.stats.bytes -= seg.size
+            self.stats.bytes -= seg.size
             return
         seg.path.rename(seg.path.with_suffix(".seg"))
         self._fsync_dir()
-        with self._cond:
-            self.stats.segments += 1
-            self.stats.sealed_total += 1
+        self.stats.segments += 1
+        self.stats.sealed_total += 1
         self._on_sealed()
 
     def _fsync_dir(self) -> None:
@@ -397,12 +455,17 @@ class Spool:
             os.close(fd)
 
     def _fail(self, message: str) -> None:
+        """(Holding the condition.) Nothing more is written: what is not durable is lost, and
+        the proxy refuses statements from now on."""
+        if self.failed is not None:
+            return
         log.error("spool: the recording spool failed", extra={"error": message})
-        with self._cond:
-            self.failed = message
-            self._buf.clear()
+        self.failed = message
+        self._buf.clear()
+        self._buf_tracks.clear()
         if self._segment is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError, BufferError):
+                self._segment.map.close()
                 os.close(self._segment.fd)
             self._segment = None
         self._on_failed(message)
