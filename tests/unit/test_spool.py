@@ -684,3 +684,36 @@ async def test_recorder_closes_a_session_left_open_by_a_crash(tmp_path: Path) ->
     assert manifest.final_hash == event_hash(lines[-1])
     assert manifest.start == events[0]["time"]
     assert manifest.session_id == sid
+
+
+async def test_a_manifest_lost_in_a_crash_is_written_by_the_next_start(tmp_path: Path) -> None:
+    sid = "c0ffee-2"
+    config = recording_config(tmp_path / "spool", tmp_path / "old")
+    old = Recorder(config, CONNECTION, FileStore(tmp_path / "old"))
+    old.start()
+    try:
+        rec = old.open_session(sid, IDENTITY, "statements", {"client": "127.0.0.1"})
+        rec.statement(statement(sid, "SELECT 1"), sync=True)
+        # the session's end reached the spool, the crash came before its manifest did
+        ticket = rec._append("session_end", {"reason": "client terminated", "statements": 1},
+                             sync=True)  # fmt: skip
+        await durable(old, ticket)
+        crash_copy(tmp_path / "spool", tmp_path / "crashed")
+    finally:
+        await old.stop()
+
+    store = FileStore(tmp_path / "sink")
+    new = Recorder(recording_config(tmp_path / "crashed", tmp_path / "sink"), CONNECTION, store)
+    new.start()
+    await new.stop()
+
+    lines, index = stored_lines(store, sid)
+    assert_chain(sid, lines)
+    assert [json.loads(line)["type"] for line in lines][-1] == "session_end"
+    manifest = Manifest.model_validate_json(store.get(manifest_key(index["prefix"])))
+    assert (manifest.events, manifest.final_hash) == (3, event_hash(lines[-1]))
+    assert (manifest.end_reason, manifest.statements, manifest.recovered) == (
+        "client terminated",
+        1,
+        False,
+    )

@@ -81,6 +81,8 @@ class Recorder:
         self._loop = asyncio.get_running_loop()
         recovered = self.spool.open()
         self.spool.start()
+        for prefix, manifest in self.spool.unwritten_manifests:
+            self.spool.append_internal("manifest", {"prefix": prefix, "manifest": manifest})
         for sid, left in recovered.items():
             meta = left.meta
             rec = SessionRecorder(self, sid, meta["connection"], meta["identity"], "statements")

@@ -100,18 +100,33 @@ class Track:
     end: bool = False  # session_end
 
 
-def _record_track(payload: bytes) -> tuple[str, Track | None]:
-    """The kind of a spooled payload ("event", "checkpoint", "manifest") and, for events, its
-    effect on the open sessions (read back during recovery)."""
-    obj = orjson.loads(payload)
-    kind = obj.get("spool")
-    if kind is not None:
-        return str(kind), None
+def _track_of(obj: dict[str, Any], payload: bytes) -> Track:
+    """An event's effect on the open sessions (read back during recovery)."""
     sid = obj["sessionId"]
     meta = None
     if obj["type"] == "session_start":
         meta = session_meta(sid, obj["connection"], obj["identity"], obj["time"])
-    return "event", Track(sid, obj["seq"], event_hash(payload), meta, obj["type"] == "session_end")
+    return Track(sid, obj["seq"], event_hash(payload), meta, obj["type"] == "session_end")
+
+
+def _manifest_of(session: OpenSession, end: dict[str, Any], final_hash: str) -> dict[str, Any]:
+    """The manifest of a session whose end is in the spool but whose manifest is not (a crash
+    between the two)."""
+    meta = session.meta
+    return {
+        "v": 1,
+        "sessionId": end["sessionId"],
+        "connection": meta["connection"],
+        "identity": meta["identity"],
+        "start": meta["start"],
+        "end": end["time"],
+        "events": end["seq"],
+        "lastSeq": end["seq"],
+        "finalHash": final_hash,
+        "endReason": end.get("reason") or "",
+        "recovered": bool(end.get("recovered")),
+        "statements": end.get("statements"),
+    }
 
 
 @dataclass
@@ -185,6 +200,8 @@ class Spool:
         self._lock_fd: int | None = None
         self.failed: str | None = None
         self.stats = SpoolStats()
+        # (prefix, manifest) of sessions that ended in the spool without their manifest
+        self.unwritten_manifests: list[tuple[str, dict[str, Any]]] = []
 
     # ------------------------------------------------------------------ opening, recovery
     def open(self) -> dict[str, OpenSession]:
@@ -209,22 +226,32 @@ class Spool:
         for path in sorted(self.dir.glob("*.open")):
             self._repair(path)
         recovered: dict[str, OpenSession] = {}
+        ended: dict[str, tuple[str, dict[str, Any]]] = {}  # session ends without a manifest yet
         first = True
         for path in self.sealed():
             payloads, _ = scan(path.read_bytes())
             for payload in payloads:
-                kind, track = _record_track(payload)
+                obj = orjson.loads(payload)
+                kind = obj.get("spool")
                 if kind == "checkpoint":
                     if first:  # later checkpoints repeat what the records already say
-                        for sid, o in orjson.loads(payload)["open"].items():
+                        for sid, o in obj["open"].items():
                             recovered[sid] = OpenSession(o["meta"], o["seq"], o["hash"])
-                elif track is not None:
+                elif kind == "manifest":
+                    ended.pop(obj["manifest"]["sessionId"], None)
+                else:
+                    track = _track_of(obj, payload)
+                    session = recovered.get(track.session_id)
+                    if track.end and session is not None:
+                        prefix = session.meta["prefix"]
+                        ended[track.session_id] = (prefix, _manifest_of(session, obj, track.hash))
                     _apply(recovered, track)
                 first = False
             self._last_name = max(self._last_name, int(path.stem))
             self.stats.bytes += path.stat().st_size
         self.stats.segments = len(self.sealed())
         self._open = dict(recovered)
+        self.unwritten_manifests = list(ended.values())
         return recovered
 
     def _repair(self, path: Path) -> None:
