@@ -75,6 +75,7 @@ POLICY = {
         {"detectors": ["credit-card"], "strategy": "partial"},
     ],
     "approvals": {"require": ["write"]},
+    "recording": {"level": "results"},  # the rows the agent received (masked) are kept too
 }
 
 
@@ -134,7 +135,7 @@ def _indent(text: str) -> str:
 
 def main(keep_running: bool = False) -> int:
     from pgwarden import logs
-    from pgwarden_proxy.events import FanoutSink, LogEventSink, MemoryEventSink
+    from pgwarden_proxy.events import LogEventSink
     from pgwarden_proxy.thread import ProxyThread
 
     if shutil.which("psql") is None:
@@ -151,7 +152,7 @@ def main(keep_running: bool = False) -> int:
             pg.create_database("shop")
             pg.sql(SAMPLE_DATA, dbname="shop")
             certs = make_certs(workdir / "proxy-tls")
-            memory = MemoryEventSink()
+            recordings = workdir / "recordings"
             config = ProxyConfig.model_validate(
                 {
                     "connection": "shop-db",
@@ -177,13 +178,18 @@ def main(keep_running: bool = False) -> int:
                         "holdTimeout": "60s",
                     },
                     "metrics": {"host": "127.0.0.1", "port": 0},
+                    "recording": {
+                        "spoolDir": str(workdir / "spool"),
+                        "sink": {"file": {"dir": str(recordings)}},
+                        "signingKeyFile": str(_signing_key(workdir)),
+                    },
                 }
             )
             stop = threading.Event()
             reviewer = threading.Thread(
                 target=_reviewer, args=(workdir / "approvals", stop), daemon=True
             )
-            with ProxyThread(config, sink=FanoutSink(memory, LogEventSink())) as proxy:
+            with ProxyThread(config, sink=LogEventSink()) as proxy:
                 reviewer.start()
                 port = proxy.port
                 print(
@@ -223,29 +229,61 @@ def main(keep_running: bool = False) -> int:
                 stop.set()
                 if keep_running:
                     _keep_running(port, certs.ca_cert, issuer)
-                time.sleep(0.2)  # let the last session's end event land
-        print("== What the proxy saw ==\n")
-        for s in memory.sessions:
-            if s.type == "session_start":
-                d = s.details
-                print(
-                    f"session {s.session_id[:8]}  {s.identity}  groups={d['groups']}  "
-                    f"policies={d['policies']}  app={d['application_name']}  tls={d['tls']}"
-                )
-        print()
-        print(f"{'decision':8}  {'classes':18}  {'rows':>5}  {'ms':>7}  statement / outcome")
-        for ev in memory.statements:
-            outcome = (
-                f"  -> {ev.error['sqlstate']} {ev.error['message']}"
-                if ev.error
-                else (f"  -> {ev.command_tag}")
-            )
-            print(
-                f"{ev.decision:8}  {','.join(ev.classes):18}  {ev.rows:>5}  "
-                f"{ev.duration_ms:7.2f}  {ev.statement}{outcome}"
-            )
+        # the proxy has stopped: every session is closed, shipped and can be verified
+        _show_recording(recordings.resolve().as_uri(), workdir / "signing.pub")
         print(f"\nStructured proxy log (JSON lines, no secrets): {log_path}")
     return 0
+
+
+def _signing_key(workdir: Path) -> Path:
+    """An Ed25519 key that signs each session's manifest (its public half verifies them)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    key = Ed25519PrivateKey.generate()
+    path = workdir / "signing.key"
+    path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    path.chmod(0o600)
+    (workdir / "signing.pub").write_bytes(
+        key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    return path
+
+
+def _show_recording(store: str, public_key: Path) -> None:
+    from pgwarden.cli import main as cli
+    from pgwarden.recording.reader import list_sessions
+    from pgwarden.recording.store import open_store
+
+    recorded = open_store(store)
+    (personal,) = list_sessions(recorded, statement_contains="ssn, card FROM customers")
+    (approved,) = list_sessions(recorded, decision="approved")
+    for title, args in [
+        (
+            "The recording: every session (the agent connected once per step)",
+            ["sessions", "list", "--store", store],
+        ),
+        (
+            "A session as a reviewer reads it: the write a person approved",
+            ["sessions", "show", approved.session_id, "--store", store],
+        ),
+        (
+            "A session played back: the rows the agent received, masked",
+            ["sessions", "replay", personal.session_id, "--speed", "0", "--store", store],
+        ),
+        (
+            "Verified: hash chain, counts and signed manifests",
+            ["sessions", "verify", "--all", "--store", store, "--public-key", str(public_key)],
+        ),
+    ]:
+        print(f"== {title} ==\n   $ pgwarden {' '.join(args)}\n", flush=True)
+        cli(args)
+        print(flush=True)
 
 
 def _keep_running(port: int, ca: Path, issuer: LocalIssuer) -> None:
