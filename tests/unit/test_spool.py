@@ -574,6 +574,28 @@ def test_full_at_max_bytes_until_segments_are_shipped(tmp_path: Path, make: Any)
     h.append_durable(a.statement())  # appending works again
 
 
+def test_past_its_bound_the_spool_takes_nothing_more(tmp_path: Path, make: Any) -> None:
+    """`full` refuses new statements; what is in flight still goes in, up to a hard limit."""
+    h = make(tmp_path / "spool", segment_bytes=4096, max_bytes=65536)
+    h.open()
+    a = Chain("a")
+    h.append_durable(a.start())
+    with pytest.raises(SpoolError, match="over its bound"):
+        for _ in range(100_000):
+            h.append(a.statement("SELECT " + "x" * 500))
+    assert h.spool.full
+    assert h.spool.hard_limit < h.spool.stats.bytes <= h.spool.hard_limit + 1024
+    assert h.spool.failed is None  # not broken: shipping makes room again
+
+    def ship() -> bool:
+        for seg in h.spool.sealed():
+            h.spool.shipped(seg)
+        return not h.spool.full
+
+    wait_for(ship, what="room in the spool")
+    h.append_durable(a.statement())
+
+
 def test_a_write_failure_fails_the_spool(
     tmp_path: Path, make: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

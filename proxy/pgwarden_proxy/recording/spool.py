@@ -174,6 +174,7 @@ class Spool:
         self.dir = directory
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
+        self.hard_limit = max_bytes + max(1024 * 1024, max_bytes // 20)
         self.ship_interval = ship_interval
         self._on_durable = on_durable
         self._on_failed = on_failed
@@ -298,6 +299,10 @@ class Spool:
         with self._cond:
             if self.failed is not None:
                 raise SpoolError(self.failed)
+            if self.stats.bytes > self.hard_limit:
+                # past `full`, only what is in flight is still taken (outcomes, refusals,
+                # session ends); a client that keeps trying is stopped here
+                raise SpoolError(f"the recording spool is over its bound ({self.max_bytes} bytes)")
             if not self._buf:
                 self._buf_since = time.monotonic()
             self._buf.append(data)
