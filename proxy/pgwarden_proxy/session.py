@@ -68,7 +68,19 @@ _PARSER_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding", 
 _DATAROW, _COPYDATA = ord("D"), ord("d")
 # where one statement's rows end: CommandComplete, PortalSuspended, Error, EmptyQuery, Ready
 _STATEMENT_END = frozenset(b"CsEIZc")
-_READ = ("read",)  # StatementEvent.classes of a statement that only reads
+# When a statement's event must be fsynced before the statement runs (see _must_sync)
+_NO_EFFECT = frozenset({"read", "transaction"})
+_UNDONE_BY_ROLLBACK = _NO_EFFECT | {
+    "write",
+    "unqualified-write",
+    "ddl",
+    "drop",
+    "truncate",
+    "dcl",
+    "settings",
+}
+_COMMITS = frozenset({"COMMIT", "PREPARE TRANSACTION", "COMMIT PREPARED"})
+_STAYS_IN_BLOCK = frozenset({"BEGIN", "START TRANSACTION", "SAVEPOINT"})
 # what masking looks at: COPY rows, RowDescription, CopyOutResponse (rows come as `Rows`)
 _MASKED_TYPES = frozenset(b"dTH")
 _UNKNOWN_STATEMENT = StatementInfo(
@@ -1057,16 +1069,20 @@ class Session:
         rec = self._rec
         if rec is None:
             return
+        tracker = self.tracker
+        # inside a transaction block, for sure: nothing in flight could have ended it
+        in_block = tracker.transaction_status in (b"T", b"E") and not any(
+            p.ops for p in tracker.pending
+        )
         for op in ops:
             ev = op.event
             if not ev.seq:
-                # A read changes nothing: its event, written to the spool file, is safe from a
-                # killed proxy and is fsynced within 50 ms. Anything that may change something
-                # runs only once its event is fsynced (safe from a machine crash too).
-                wait = ev.decision != "refuse" and (ev.classes != _READ or ev.decision == "hold")
+                wait = _must_sync(ev, in_block)
                 ticket = rec.statement(ev, sync=wait)
                 if wait or ticket < 0:
                     self._need = ticket
+            if "transaction" in ev.classes and ev.command not in _STAYS_IN_BLOCK:
+                in_block = False
 
     def _to_server(self, chunks: list[bytes]) -> None:
         """Client messages go upstream once the events of their statements are durable."""
@@ -1386,6 +1402,24 @@ class Session:
                 duration_s=round(time.time() - self.started, 3),
             )
         log.info("session ended", extra={"session_id": self.id, "reason": self.end_reason})
+
+
+def _must_sync(ev: StatementEvent, in_block: bool) -> bool:
+    """Whether a statement may run only once its event is fsynced (safe from a machine crash),
+    rather than once it is written (safe from a killed proxy; fsynced within 50 ms).
+
+    What can leave a lasting effect waits: a change outside a transaction block, a COMMIT (which
+    makes the block's changes last), anything that acts outside the database's transactions
+    (admin, procedural, files, programs) and whatever a person approved. Reads and transaction
+    control change nothing; changes inside a block last only through its COMMIT."""
+    if ev.decision == "refuse":
+        return False
+    if ev.decision == "hold" or ev.command in _COMMITS:
+        return True
+    classes = ev.classes
+    if all(c in _NO_EFFECT for c in classes):
+        return False
+    return not (in_block and all(c in _UNDONE_BY_ROLLBACK for c in classes))
 
 
 def _whole_query(infos: Sequence[StatementInfo]) -> StatementInfo:

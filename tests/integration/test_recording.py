@@ -363,7 +363,11 @@ def test_kill_9_loses_no_statement_a_client_saw(
             with psycopg.connect(dsn, autocommit=True) as conn:
                 i = 0
                 while not stop.is_set():
-                    conn.execute(f"INSERT INTO rec_log VALUES ({i})")
+                    if i % 2:
+                        conn.execute(f"INSERT INTO rec_log VALUES ({i})")
+                    else:  # in a transaction block: the INSERT does not wait, the COMMIT does
+                        with conn.transaction():
+                            conn.execute(f"INSERT INTO rec_log VALUES ({i})")
                     acked.append(i)  # the client saw the result
                     i += 1
         except psycopg.Error:
