@@ -137,6 +137,7 @@ class _Segment:
     path: Path
     fd: int
     map: mmap.mmap
+    capacity: int
     size: int = 0  # bytes used
     records: int = 0
     first: float = 0.0  # monotonic time of its first record
@@ -179,7 +180,9 @@ class Spool:
         self._on_durable = on_durable
         self._on_failed = on_failed
         self._on_sealed = on_sealed
-        self._cond = threading.Condition(threading.Lock())  # (an RLock costs more)
+        # `with self._lock` on the hot path (a Condition's own __enter__ is Python code)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         # records not yet written (nobody waits for them), with their effect on `_open`
         self._buf: list[bytes] = []
         self._buf_tracks: list[Track | None] = []
@@ -296,7 +299,7 @@ class Spool:
         it. Otherwise the record is written with the next such record, or by the writer within
         LAZY_SECONDS, and fsynced within LAZY_SECONDS of its write."""
         data = frame(payload)
-        with self._cond:
+        with self._lock:
             if self.failed is not None:
                 raise SpoolError(self.failed)
             if self.stats.bytes > self.hard_limit:
@@ -342,25 +345,35 @@ class Spool:
     def _write_buffered(self) -> bool:
         """Write the buffered records to the open segment (holding the condition); True when
         nothing written before was waiting for an fsync."""
-        data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
+        buf = self._buf
+        count = len(buf)
+        data = buf[0] if count == 1 else b"".join(buf)
+        n = len(data)
         seg = self._segment
-        if seg is None or seg.size + len(data) > len(seg.map):
-            self._rotate(len(data))  # (the writer rotates earlier, unless writes outrun it)
+        if seg is None or seg.size + n > seg.capacity:
+            self._rotate(n)  # (the writer rotates earlier, unless writes outrun it)
             seg = self._segment
             assert seg is not None
-        if seg.records == 0:
+        if not seg.records:
             seg.first = time.monotonic()
         fresh = self._written == self._synced
         if fresh:
             self._written_since = time.monotonic()
         seg.put(data)
-        seg.records += len(self._buf)
+        seg.records += count
+        open_sessions = self._open
         for track in self._buf_tracks:
-            if track is not None:
-                _apply(self._open, track)
-        self.stats.appended += len(self._buf)
+            if track is None:
+                continue
+            if track.meta is None and not track.end:  # most events: the chain moves on
+                session = open_sessions.get(track.session_id)
+                if session is not None:
+                    session.seq, session.hash = track.seq, track.hash
+                continue
+            _apply(open_sessions, track)
+        self.stats.appended += count
         self._written = self._tickets
-        self._buf.clear()
+        buf.clear()
         self._buf_tracks.clear()
         self._buf_bytes = 0
         return fresh
@@ -451,7 +464,7 @@ class Spool:
             os.close(fd)
             path.unlink()
             raise
-        seg = _Segment(path, fd, mapped)
+        seg = _Segment(path, fd, mapped, capacity)
         seg.put(head)
         os.fdatasync(fd)
         self._fsync_dir()
