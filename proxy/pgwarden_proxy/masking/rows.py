@@ -247,6 +247,7 @@ class ResultMask:
         skip = range(target)
         encoding = self._encoding
         parts: list[bytes] = []
+        append = parts.append
         done = start
         pos = start
         n = len(data)
@@ -262,9 +263,9 @@ class ResultMask:
             if target < count:
                 p = pos + 7
                 for _ in skip:
-                    (flen,) = unpack(data, p)
+                    flen = unpack(data, p)[0]
                     p += 4 + (flen if flen > 0 else 0)
-                (flen,) = unpack(data, p)
+                flen = unpack(data, p)[0]
                 if flen >= 0:
                     nxt = p + 4 + flen
                     field = const
@@ -276,13 +277,17 @@ class ResultMask:
                             if flen <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
                                 memo[raw] = field
                     if field is not _SAME:
-                        parts += (
-                            data[done:pos],
-                            pack_head(b"D", length + len(field) - 4 - flen),
-                            data[pos + 5 : p],
-                            field,
-                            data[nxt:end],
+                        # fewer, larger pieces: the rows before (rarely any), the rewritten
+                        # head of this row up to its new value, what follows the value
+                        if done != pos:
+                            append(data[done:pos])
+                        append(
+                            pack_head(b"D", length + len(field) - 4 - flen)
+                            + data[pos + 5 : p]
+                            + field
                         )
+                        if nxt != end:
+                            append(data[nxt:end])
                         done = end
             pos = end
         if not parts:
