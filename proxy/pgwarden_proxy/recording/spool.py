@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -194,6 +195,7 @@ class Spool:
         self._synced = 0  # records fsynced (safe from a machine crash)
         self._reported = 0  # the highest ticket given to on_durable
         self._sync_wanted = False  # an urgent record waits for an fsync
+        self._wakes_at = 0.0  # when the waiting writer wakes by itself (0: it is awake)
         # the sessions open after the records written so far (the writer's own; a new segment's
         # checkpoint is a copy, so it covers exactly the records of the segments before it)
         self._open: dict[str, OpenSession] = {}
@@ -322,10 +324,14 @@ class Spool:
                 if sync and not self._sync_wanted:
                     self._sync_wanted = True
                     self._cond.notify()
-                elif fresh:
+                elif fresh and self._wakes_at > time.monotonic() + LAZY_SECONDS:
                     self._cond.notify()  # the writer times the lazy fsync from now
-            elif len(self._buf) == 1:
-                self._cond.notify()  # the writer times the lazy write from now
+                elif self._wakes_at and self._segment_full():
+                    self._cond.notify()  # time to seal it
+            elif self._wakes_at > time.monotonic() + LAZY_SECONDS:
+                # the writer times the lazy write from now (when it is awake, or wakes in time
+                # anyway, waking it would cost a thread switch per statement for nothing)
+                self._cond.notify()
             return self._tickets
 
     def append_internal(self, kind: str, body: dict[str, Any]) -> int:
@@ -392,7 +398,10 @@ class Spool:
             try:
                 with self._cond:
                     while not self._ready():
-                        self._cond.wait(self._wait_time())
+                        wait = self._wait_time()
+                        self._wakes_at = math.inf if wait is None else time.monotonic() + wait
+                        self._cond.wait(wait)
+                        self._wakes_at = 0.0
                     self._sync_wanted = False
                     stopping = self._stopping
                     if self._buf:
@@ -424,6 +433,10 @@ class Spool:
                 with self._cond:
                     self._fail(f"the recording spool cannot be written ({self.dir}: {e})")
                 return
+
+    def _segment_full(self) -> bool:
+        seg = self._segment
+        return seg is not None and seg.size >= self.segment_bytes
 
     def _due(self) -> bool:
         seg = self._segment
