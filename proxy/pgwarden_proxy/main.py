@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from pgwarden.api.config import ProxyConfig
+from pgwarden_proxy.recording.spool import SpoolError
 from pgwarden_proxy.server import ProxyServer
 
 log = logging.getLogger("pgwarden.proxy")
@@ -26,7 +27,7 @@ def run(config: ProxyConfig, config_path: Path | None = None) -> int:
     loop = new_event_loop()
     try:
         loop.run_until_complete(ProxyServer(config, config_path=config_path).serve_forever())
-    except OSError as e:
+    except (OSError, SpoolError) as e:
         log.error("cannot start the proxy", extra={"error": str(e)})
         return 1
     finally:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from pgwarden_proxy.recording.recorder import Recorder
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -79,6 +84,37 @@ class ProxyMetrics:
                 child = self._stmt_children[(c, decision)] = self.statements.labels(c, decision)
             child.inc()
         self.latency.observe(seconds)
+
+    def recording(self, recorder: Recorder) -> None:
+        """Gauges read at scrape time: what is not shipped yet, and whether shipping works."""
+        r = self.registry
+        spool, shipper = recorder.spool, recorder.shipper
+        Gauge(
+            "pgwarden_recording_spool_bytes", "Recorded bytes not yet shipped", registry=r
+        ).set_function(lambda: spool.stats.bytes)
+        Gauge(
+            "pgwarden_recording_spool_limit_bytes",
+            "recording.maxSpoolBytes: beyond it statements are refused",
+            registry=r,
+        ).set_function(lambda: spool.max_bytes)
+        Gauge(
+            "pgwarden_recording_segments_pending", "Sealed spool segments not yet shipped",
+            registry=r,
+        ).set_function(lambda: spool.stats.segments)  # fmt: skip
+        Gauge(
+            "pgwarden_recording_shipped_objects", "Objects the sink confirmed", registry=r
+        ).set_function(lambda: shipper.objects)
+        Gauge(
+            "pgwarden_recording_ship_failures", "Failed attempts to ship a segment", registry=r
+        ).set_function(lambda: shipper.failures)
+        Gauge(
+            "pgwarden_recording_last_ship_timestamp_seconds",
+            "When a segment was last shipped (0: not yet)",
+            registry=r,
+        ).set_function(lambda: shipper.last_success)
+        Gauge(
+            "pgwarden_recording_failed", "1 when the spool cannot be written", registry=r
+        ).set_function(lambda: 1 if (recorder.failed or spool.failed) else 0)
 
     def reloads_by(self, result: str) -> None:
         self.reloads.labels(result).inc()

@@ -88,6 +88,8 @@ class ProxyServer:
         self.verifier = verifier or OidcVerifier(config.auth.oidc)
         self.analyzer = Analyzer()
         self.metrics = ProxyMetrics(config.connection)
+        if self.recorder is not None:
+            self.metrics.recording(self.recorder)
         self.tls_context = server_tls_context(config)
         self.sessions: dict[int, Session] = {}  # by our backend pid
         self.clients = 0

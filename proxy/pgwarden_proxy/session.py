@@ -36,6 +36,7 @@ from pgwarden_proxy.policy import EffectivePolicy
 from pgwarden_proxy.recording.capture import ResultCapture
 from pgwarden_proxy.recording.recorder import SessionRecorder
 from pgwarden_proxy.sql.classify import StatementInfo, fingerprint
+from pgwarden_proxy.sql.secrets import redact
 from pgwarden_proxy.startup import (
     StartupRefused,
     StartupRequest,
@@ -855,7 +856,7 @@ class Session:
                 connection=self.cfg.connection,
                 requester=Requester(username=identity.username, groups=sorted(identity.groups)),
                 session_id=self.id,
-                statement=info.text,
+                statement=redact(info.text),
                 fingerprint=info.fingerprint or "-",
                 classes=sorted(info.classes - {StatementClass.UNKNOWN}) or [c],
                 policy=decision.policy or "",
@@ -1024,7 +1025,7 @@ class Session:
             session_id=self.id,
             connection=self.cfg.connection,
             identity=identity.username,
-            statement=info.text,
+            statement=redact(info.text),
             fingerprint=info.fingerprint,
             classes=tuple(sorted(info.classes)),
             command=info.command,

@@ -28,7 +28,7 @@ from tests.integration.conftest import (
     RunningProxy,
     base_config,
 )
-from tests.integration.test_operations import PGWARDEN
+from tests.integration.test_operations import PGWARDEN, http_get
 from tests.s3server import MotoServer
 
 EMAIL = "jane.roe@example.org"
@@ -122,6 +122,14 @@ def wait_for(check: Any, timeout: float = 20.0, what: str = "condition") -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def metric(port: int, name: str) -> float:
+    _, text = http_get(port, "/metrics")
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 # ---------------------------------------------------------------------------------- file sink
 def test_a_session_is_recorded_whole_masked_and_without_secrets(
     make_proxy: MakeProxy, tmp_path: Path, db: Database, customers: None
@@ -148,6 +156,8 @@ def test_a_session_is_recorded_whole_masked_and_without_secrets(
             conn.execute("DROP TABLE rec_customers")
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("SELECT 1/0")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # read-only: refused
+            conn.execute(f"ALTER ROLE {APP_USER} PASSWORD 'sekrit-pw-123'")
     proxy.thread.stop(grace=2)
     store = FileStore(tmp_path / "recordings")
     (sid,) = session_ids(proxy)
@@ -184,8 +194,9 @@ def test_a_session_is_recorded_whole_masked_and_without_secrets(
     everything = b"".join(
         p.read_bytes() for p in (tmp_path / "recordings").rglob("*") if p.is_file()
     )
-    for secret in (token, db.password, EMAIL, SSN, EMAIL.upper()):
+    for secret in (token, db.password, EMAIL, SSN, EMAIL.upper(), "sekrit-pw-123"):
         assert secret.encode() not in everything, secret
+    assert any("PASSWORD '[redacted]'" in s["statement"] for s in by_seq.values())
     assert list((tmp_path / "spool").glob("*.seg")) == []  # all shipped
 
 
@@ -284,6 +295,11 @@ def test_s3_down_for_a_while_loses_nothing(
         for i in range(60):
             conn.execute("SELECT %s::int", (i,))
         wait_for(lambda: len(list(spool.glob("*.seg"))) >= 2, what="sealed segments")
+        port = proxy.thread.server.health_port
+        assert port is not None
+        wait_for(lambda: metric(port, "pgwarden_recording_ship_failures") > 0, what="failures")
+        assert metric(port, "pgwarden_recording_spool_bytes") > 0
+        assert metric(port, "pgwarden_recording_segments_pending") >= 2
         s3.up()
         wait_for(lambda: not list(spool.glob("*.seg")), what="the spool to drain")
         conn.execute("SELECT 'after'")

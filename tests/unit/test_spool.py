@@ -580,9 +580,13 @@ def test_past_its_bound_the_spool_takes_nothing_more(tmp_path: Path, make: Any) 
     h.open()
     a = Chain("a")
     h.append_durable(a.start())
-    with pytest.raises(SpoolError, match="over its bound"):
+
+    def fill() -> None:
         for _ in range(100_000):
             h.append(a.statement("SELECT " + "x" * 500))
+
+    with pytest.raises(SpoolError, match="over its bound"):
+        fill()
     assert h.spool.full
     assert h.spool.hard_limit < h.spool.stats.bytes <= h.spool.hard_limit + 1024
     assert h.spool.failed is None  # not broken: shipping makes room again
