@@ -40,7 +40,9 @@ class Upstream(Model):
     host: str
     port: int = Field(default=5432, ge=1, le=65535)
     database: str
-    username: str
+    username: str | None = Field(default=None, min_length=1)
+    # from a file, like the password: in Kubernetes both come from the credentials Secret
+    username_file: Path | None = Field(default=None, alias="usernameFile")
     password_file: Path | None = Field(default=None, alias="passwordFile")
     password: str | None = Field(default=None, repr=False)  # tests only; prefer passwordFile
     sslmode: SslMode = SslMode.VERIFY_FULL
@@ -51,9 +53,17 @@ class Upstream(Model):
     def _one_password_source(self) -> Upstream:
         if self.password is not None and self.password_file is not None:
             raise ValueError("give either password or passwordFile, not both")
+        if (self.username is None) == (self.username_file is None):
+            raise ValueError("give exactly one of username or usernameFile")
         if self.sslmode in (SslMode.VERIFY_CA, SslMode.VERIFY_FULL) and self.ca_file is None:
             raise ValueError(f"sslmode {self.sslmode.value} needs caFile to verify the server")
         return self
+
+    def read_username(self) -> str:
+        if self.username_file is not None:
+            return self.username_file.read_text().strip()
+        assert self.username is not None
+        return self.username
 
     def read_password(self) -> str | None:
         """The credential, read when needed (a rotated Secret is picked up on the next login)."""

@@ -135,7 +135,7 @@ async def connect(cfg: Upstream, startup_params: Mapping[str, str]) -> UpstreamC
 async def _connect(cfg: Upstream, startup_params: Mapping[str, str]) -> UpstreamConnection:
     ep = await _open(cfg)
     try:
-        params = {"user": cfg.username, "database": cfg.database, **startup_params}
+        params = {"user": _username(cfg), "database": cfg.database, **startup_params}
         ep.write(m.startup_message(params))
         await _authenticate(ep, cfg)
         conn = UpstreamConnection(ep)
@@ -183,6 +183,17 @@ def _server_error(body: bytes, cfg: Upstream) -> UpstreamError:
     )
 
 
+def _username(cfg: Upstream) -> str:
+    try:
+        return cfg.read_username()
+    except OSError as e:
+        raise UpstreamError(
+            "08004",
+            f"pgwarden cannot read its database user name file ({e.strerror})",
+            reason="credential_unreadable",
+        ) from e
+
+
 def _password(cfg: Upstream) -> str:
     try:
         pw = cfg.read_password()
@@ -221,7 +232,7 @@ async def _authenticate(ep: Endpoint, cfg: Upstream) -> None:
             elif code == 5:
                 salt = r.raw(4)
                 ep.write(
-                    m.password_message(md5_response(cfg.username, _password(cfg), salt) + b"\x00")
+                    m.password_message(md5_response(_username(cfg), _password(cfg), salt) + b"\x00")
                 )
             elif code == 10:
                 mechanisms = []

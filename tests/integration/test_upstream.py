@@ -12,7 +12,7 @@ import pytest
 from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden.embedded.postgres import ThrowawayPostgres
 from pgwarden_proxy.wire import messages as m
-from tests.integration.conftest import APP_DB, Database, MakeProxy
+from tests.integration.conftest import APP_DB, APP_USER, Database, MakeProxy
 from tests.integration.rawpg import RawClient, login_refusal
 
 
@@ -39,6 +39,28 @@ def test_password_file_is_read(make_proxy: MakeProxy, db: Database, tmp_path) ->
     p = make_proxy(upstream={"password": None, "passwordFile": str(f)})
     with psycopg.connect(p.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_user_name_and_password_files_are_read(
+    make_proxy: MakeProxy, db: Database, tmp_path
+) -> None:
+    """As the operator mounts them from the credentials Secret (keys username, password)."""
+    (tmp_path / "username").write_text(APP_USER + "\n")
+    (tmp_path / "password").write_text(db.password)
+    p = make_proxy(
+        upstream={
+            "username": None,
+            "usernameFile": str(tmp_path / "username"),
+            "password": None,
+            "passwordFile": str(tmp_path / "password"),
+        }
+    )
+    with psycopg.connect(p.dsn()) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (APP_USER,)
+    (tmp_path / "username").unlink()
+    r = login_refusal(p.port, p.token())
+    assert r.sqlstate == "08004"
+    assert "user name file" in str(r)
 
 
 def test_wrong_upstream_credential_is_a_deployment_error(make_proxy: MakeProxy) -> None:
