@@ -624,6 +624,22 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         return 0
 
 
+def _cmd_crds(args: argparse.Namespace) -> int:
+    from pgwarden import crds
+
+    if args.out is None:
+        sys.stdout.write(crds.stream())
+        return 0
+    try:
+        written = crds.write(Path(args.out))
+    except OSError as e:
+        print(f"pgwarden crds: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path, file=sys.stderr)
+    return 0
+
+
 def _not_yet(name: str, issue: str) -> int:
     print(f"pgwarden {name}: not available in this version yet ({issue})", file=sys.stderr)
     return 3
@@ -645,8 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.set_defaults(func=lambda a: _not_yet("operator", "the operator is planned"))
 
     crds = sub.add_parser("crds", help="write the CRD YAML generated from the models")
-    crds.add_argument("--out")
-    crds.set_defaults(func=lambda a: _not_yet("crds", "CRD generation comes with the operator"))
+    crds.add_argument(
+        "--out", help="write one file per CRD into this directory (default: all to stdout)"
+    )
+    crds.set_defaults(func=_cmd_crds)
 
     sessions = sub.add_parser(
         "sessions", help="list, show, replay, verify or export recorded sessions"
