@@ -14,8 +14,9 @@ from pathlib import Path
 from pgwarden.api.config import NamedPolicy, ProxyConfig
 from pgwarden.api.policy import MaskStrategy
 from pgwarden_proxy import upstream
-from pgwarden_proxy.approvals.backend import ApprovalBackend
+from pgwarden_proxy.approvals.backend import ApprovalBackend, ApprovalError
 from pgwarden_proxy.approvals.files import FileApprovals
+from pgwarden_proxy.approvals.kubernetes import KubernetesApprovals
 from pgwarden_proxy.auth.oidc import Identity, OidcVerifier
 from pgwarden_proxy.endpoint import Endpoint
 from pgwarden_proxy.events import EventSink, LogEventSink
@@ -48,10 +49,16 @@ def server_tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
 
 
 def approval_backend(config: ProxyConfig) -> ApprovalBackend | None:
+    """The configured backend; None (held statements are refused) when there is none to use."""
     a = config.approvals
     if a.backend == "file" and a.dir is not None:
         return FileApprovals(a.dir)
-    return None  # the Kubernetes backend comes with the operator
+    if a.backend == "kubernetes" and a.namespace is not None:
+        try:
+            return KubernetesApprovals(a.namespace)
+        except ApprovalError as e:  # not in a pod: refuse held statements, say why
+            log.error("no approval backend", extra={"error": str(e)})
+    return None  # kubernetes without a namespace (the default): no backend configured
 
 
 class _ClientEndpoint(Endpoint):

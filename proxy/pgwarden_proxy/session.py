@@ -863,51 +863,62 @@ class Session:
                 expires_at=datetime.now(UTC) + timedelta(seconds=timeout),
                 parameters=params,
             )
-            name = await backend.submit(spec)
-            approval = {"request": name, "state": ApprovalState.PENDING.value}
-            await self._until_idle()
-            self.client.write(
-                m.notice_response(
-                    m.ErrorInfo(
-                        "01000",
-                        f'pgwarden: {info.command} needs approval (class "{c}", policy '
-                        f'"{decision.policy}"); approval request {name} is waiting for a person, '
-                        f"for up to {timeout:g}s",
-                        "NOTICE",
-                        hint=backend.how_to_decide(name),
+            try:
+                name: str | None = await backend.submit(spec)
+            except ApprovalError as e:
+                name = None
+                log.warning("approval request not created", extra={"error": str(e)})
+                refusal = m.ErrorInfo(
+                    "42501",
+                    f'pgwarden: {info.command} needs approval (class "{c}", policy '
+                    f'"{decision.policy}"), and the approval request could not be created: {e}',
+                    hint="retry in a while, or tell the platform team",
+                )
+            if name is not None:
+                approval = {"request": name, "state": ApprovalState.PENDING.value}
+                await self._until_idle()
+                self.client.write(
+                    m.notice_response(
+                        m.ErrorInfo(
+                            "01000",
+                            f'pgwarden: {info.command} needs approval (class "{c}", policy '
+                            f'"{decision.policy}"); approval request {name} is waiting for a '
+                            f"person, for up to {timeout:g}s",
+                            "NOTICE",
+                            hint=backend.how_to_decide(name),
+                        )
                     )
                 )
-            )
-            status = await self._wait_for_decision(backend, name, timeout)
-            approval.update(
-                state=status.state.value, decidedBy=status.decided_by, comment=status.comment
-            )
-            if status.comment == _CANCELED and self._hold_canceled:
-                self._hold_canceled = False
-                refusal = m.ErrorInfo(
-                    "57014",
-                    f"canceling statement due to user request (pgwarden: approval request "
-                    f"{name} was withdrawn)",
+                status = await self._wait_for_decision(backend, name, timeout)
+                approval.update(
+                    state=status.state.value, decidedBy=status.decided_by, comment=status.comment
                 )
-            elif status.state is not ApprovalState.APPROVED:
-                by = f" by {status.decided_by}" if status.decided_by else ""
-                why = f": {status.comment}" if status.comment else ""
-                refusal = m.ErrorInfo(
-                    "42501",
-                    f"pgwarden: {info.command} was not run: approval request {name} was "
-                    f"{status.state.value.lower()}{by}{why}",
-                    hint="change the statement or ask the approver; an approval covers one "
-                    "execution of one statement",
-                )
-            elif not status.decided_by or same_person(status.decided_by, identity.username):
-                # whoever can write the backend's store could forge this: four eyes, again
-                refusal = m.ErrorInfo(
-                    "42501",
-                    f"pgwarden: {info.command} was not run: approval request {name} was "
-                    "approved without a second person (decidedBy is empty or the requester)",
-                    hint="ask another person to approve the request",
-                )
-                approval["state"] = "Invalid"
+                if status.comment == _CANCELED and self._hold_canceled:
+                    self._hold_canceled = False
+                    refusal = m.ErrorInfo(
+                        "57014",
+                        f"canceling statement due to user request (pgwarden: approval request "
+                        f"{name} was withdrawn)",
+                    )
+                elif status.state is not ApprovalState.APPROVED:
+                    by = f" by {status.decided_by}" if status.decided_by else ""
+                    why = f": {status.comment}" if status.comment else ""
+                    refusal = m.ErrorInfo(
+                        "42501",
+                        f"pgwarden: {info.command} was not run: approval request {name} was "
+                        f"{status.state.value.lower()}{by}{why}",
+                        hint="change the statement or ask the approver; an approval covers one "
+                        "execution of one statement",
+                    )
+                elif not status.decided_by or same_person(status.decided_by, identity.username):
+                    # whoever can write the backend's store could forge this: four eyes, again
+                    refusal = m.ErrorInfo(
+                        "42501",
+                        f"pgwarden: {info.command} was not run: approval request {name} was "
+                        "approved without a second person (decidedBy is empty or the requester)",
+                        hint="ask another person to approve the request",
+                    )
+                    approval["state"] = "Invalid"
         for op in ops:
             op.event.approval = approval or None
             op.event.decision = "approved" if refusal is None else "refuse"

@@ -1,1 +1,2 @@
-"""Approval backends: statements held until a person approves them (files now, Kubernetes later)."""
+"""Approval backends: a statement held until a person decides (files for local use,
+ApprovalRequest resources in Kubernetes)."""
