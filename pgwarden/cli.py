@@ -640,6 +640,13 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    logs.configure("info")
+    from pgwarden_operator.main import run
+
+    return run(args.namespace, args.all_namespaces)
+
+
 def _not_yet(name: str, issue: str) -> int:
     print(f"pgwarden {name}: not available in this version yet ({issue})", file=sys.stderr)
     return 3
@@ -658,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope = op.add_mutually_exclusive_group()
     scope.add_argument("--namespace")
     scope.add_argument("--all-namespaces", action="store_true")
-    op.set_defaults(func=lambda a: _not_yet("operator", "the operator is planned"))
+    op.set_defaults(func=_cmd_operator)
 
     crds = sub.add_parser("crds", help="write the CRD YAML generated from the models")
     crds.add_argument(
