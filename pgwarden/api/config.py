@@ -78,6 +78,13 @@ class Oidc(Model):
     jwks_uri: str | None = Field(default=None, alias="jwksUri")
     username_claim: str = Field(default="email", alias="usernameClaim")
     groups_claim: str = Field(default="groups", alias="groupsClaim")
+    service_accounts: bool = Field(
+        default=False,
+        alias="serviceAccounts",
+        description="tokens of Kubernetes service accounts: identity "
+        "system:serviceaccount:NS:NAME, groups system:serviceaccounts and "
+        "system:serviceaccounts:NS",
+    )
 
 
 class Auth(Model):

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import time
 import urllib.error
 import urllib.request
@@ -60,6 +61,15 @@ _MAX_DOCUMENT_BYTES = 1024 * 1024  # discovery and JWKS documents are a few KiB
 _MAX_TOKEN_CHARS = 64 * 1024
 _DISCOVERY_PATH = "/.well-known/openid-configuration"
 _SHOW_MAX = 80
+
+# Kubernetes service-account tokens. Names are checked against the API server's rules (a
+# namespace is a DNS-1123 label, a service account name lowercase alphanumerics, '-' and '.'),
+# so that "NS:NAME" is never ambiguous and no name forges a line in logs.
+_K8S_CLAIM = "kubernetes.io"
+_SA_PREFIX = "system:serviceaccount:"
+_SA_GROUP = "system:serviceaccounts"
+_NAMESPACE_RE: Final = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_SA_NAME_RE: Final = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[-a-z0-9.]*[a-z0-9])?")
 
 _INVALID = "28P01"  # invalid_password: the credential itself is not acceptable
 _REFUSED = "28000"  # invalid_authorization_specification: refused for another reason
@@ -616,9 +626,14 @@ class OidcVerifier:
                 f"the token has no 'sub' (subject) claim; ask the administrator of {issuer} "
                 "to include it",
             )
+        service_account = self._service_account(claims, subject)
+        if service_account is not None:
+            username, groups = service_account
+        else:
+            username, groups = self._username(claims), self._groups(claims)
         return Identity(
-            username=self._username(claims),
-            groups=self._groups(claims),
+            username=username,
+            groups=groups,
             subject=subject,
             issuer=issuer,
             expires_at=_utc(exp),
@@ -626,12 +641,62 @@ class OidcVerifier:
             usable_until=_utc(exp + leeway),
         )
 
+    def _service_account(
+        self, claims: Mapping[str, Any], subject: str
+    ) -> tuple[str, frozenset[str]] | None:
+        """Identity and groups of a Kubernetes service-account token, when they are enabled.
+
+        None for any other token (its identity comes from usernameClaim and groupsClaim).
+        """
+        if not self._settings.service_accounts or _K8S_CLAIM not in claims:
+            return None
+        k8s = claims[_K8S_CLAIM]
+        namespace = k8s.get("namespace") if isinstance(k8s, dict) else None
+        account = k8s.get("serviceaccount") if isinstance(k8s, dict) else None
+        name = account.get("name") if isinstance(account, dict) else None
+        if not (
+            isinstance(namespace, str)
+            and _NAMESPACE_RE.fullmatch(namespace)
+            and isinstance(name, str)
+            and _SA_NAME_RE.fullmatch(name)
+        ):
+            raise TokenRejected(
+                "service_account_invalid",
+                f"the token's {_K8S_CLAIM!r} claim does not name a namespace and a service "
+                f"account (namespace, serviceaccount.name); pgwarden accepts only projected "
+                f"service-account tokens of {self._issuer}",
+                _REFUSED,
+            )
+        expected = f"{_SA_PREFIX}{namespace}:{name}"
+        if subject != expected:
+            raise TokenRejected(
+                "service_account_mismatch",
+                f"the token's subject {_show(subject)} does not match its {_K8S_CLAIM!r} claim "
+                f"(service account {name!r} in namespace {namespace!r}, i.e. {expected!r}); "
+                f"pgwarden refuses such a token: use a projected service-account token issued "
+                f"by {self._issuer}",
+                _REFUSED,
+            )
+        groups = frozenset({_SA_GROUP, f"{_SA_GROUP}:{namespace}"}) | self._groups(claims)
+        return expected, groups
+
     def _username(self, claims: Mapping[str, Any]) -> str:
         name = self._settings.username_claim
         value = claims.get(name)
         # Control characters would let a username forge lines in logs and recordings.
         if not isinstance(value, str) or not value or not value.isprintable():
             problem = "has no" if value is None else "has an unusable"
+            subject = claims.get("sub")
+            if _K8S_CLAIM in claims or (
+                isinstance(subject, str) and subject.startswith(_SA_PREFIX)
+            ):
+                raise TokenRejected(
+                    "missing_claim",
+                    f"the token {problem} {name!r} claim, which this endpoint uses as the user "
+                    "name (usernameClaim); it looks like a Kubernetes service-account token: "
+                    "to log in with those, the operator must set auth.oidc.serviceAccounts: true "
+                    f"(with {self._issuer} as the cluster's issuer)",
+                )
             raise TokenRejected(
                 "missing_claim",
                 f"the token {problem} {name!r} claim, which this endpoint uses as the user "
