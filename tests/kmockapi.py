@@ -17,7 +17,8 @@ CRDs have a status subresource. `ApiServer` therefore serves the three writes it
   outside metadata and status bumps generation; a patch that changes nothing changes nothing
   (no new version, no watch event), as on a real API server.
 - DELETE: with finalizers, sets deletionTimestamp (MODIFIED); the object goes (DELETED) when
-  the last finalizer is removed, or at once without finalizers.
+  the last finalizer is removed, or at once without finalizers. DeleteOptions'
+  `preconditions` (uid, resourceVersion) are checked: a mismatch is a 409.
 - `?dryRun=All` on POST/PATCH: validated and answered, not stored.
 - list and watch: a list returns the current resourceVersion, and a watch from it streams the
   events after it (kmock: "..." and every object replayed as ADDED, with the writes between
@@ -259,6 +260,10 @@ class ApiServer(kmock.KubernetesEmulator):
         key = self._key(request)
         live = self._live(key)
         meta = live["metadata"]
+        options = request.data if isinstance(request.data, Mapping) else {}
+        for field, wanted in (options.get("preconditions") or {}).items():
+            if field in ("uid", "resourceVersion") and wanted != meta.get(field):
+                raise _error(409, "Conflict", f"precondition failed: {field} is not {wanted}")
         if meta.get("finalizers"):
             if not meta.get("deletionTimestamp"):
                 meta.update(

@@ -14,6 +14,8 @@ state, so a test can run several operators, each against its own API server). Th
   connection it selects now or selected before (status.connections), then write its status:
   the connections, Valid, and ConnectionsResolved (False when it selects nothing or names a
   connection that does not exist).
+- ApprovalRequest (approvals.py): expiry of Pending requests at expiresAt, an event per state,
+  deletion of decided requests after PGWARDEN_APPROVAL_RETENTION; no finalizer.
 
 Every handler is idempotent: a replayed event reads the same cluster, renders the same objects
 and writes nothing. One connection is reconciled by one coroutine at a time (a lock per
@@ -48,7 +50,7 @@ from pgwarden.api.resources import (
     VERSION,
     DatabaseConnectionSpec,
 )
-from pgwarden_operator import builders, rbac
+from pgwarden_operator import approvals, builders, rbac
 from pgwarden_operator.k8s import Api, Obj, is_subset
 
 IMAGE_ENV = "PGWARDEN_IMAGE"
@@ -405,6 +407,7 @@ class Operator:
 def make_registry(op: Operator) -> kopf.OperatorRegistry:
     """A registry with the pgwarden handlers bound to `op`."""
     registry = kopf.OperatorRegistry()
+    keeper = approvals.ApprovalKeeper(op)
 
     @kopf.on.startup(id="startup", registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -416,6 +419,7 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(**_: Any) -> None:
+        await keeper.stop()
         await op.close()
 
     @kopf.on.resume(GROUP, VERSION, CONNECTIONS, id="connection", registry=registry)
@@ -435,4 +439,6 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
         # the policy still exists (our finalizer holds it) but no longer counts: re-render
         await op.reconcile_policy(_raw(body), deleting=True, logger=logger)
 
+    # ApprovalRequests: expiry, events, cleanup after the retention (approvals.py; no finalizer)
+    approvals.register(registry, keeper)
     return registry

@@ -1,6 +1,6 @@
 """A small async Kubernetes client over aiohttp: just what the handlers need.
 
-get / list / create / merge-patch of namespaced objects, the status subresource, and an
+get / list / create / merge-patch / delete of namespaced objects, the status subresource, and an
 idempotent `apply` (read; create when absent; patch only when the live object differs from the
 desired one). Credentials come from a `kopf.ConnectionInfo` (the one kopf's login produced, see
 handlers.py), or a base URL and token (tests).
@@ -263,6 +263,25 @@ class Api:
         return await self.patch(
             api_version, kind_plural, namespace, name, {"status": status}, subresource="status"
         )
+
+    async def delete(
+        self,
+        api_version: str,
+        kind_plural: str,
+        namespace: str | None,
+        name: str,
+        *,
+        uid: str | None = None,
+    ) -> bool:
+        """DELETE; True when deleted (or its deletion started: finalizers), False when it was
+        already gone (404). `uid`: a precondition, so a newer object of the same name stays (a
+        mismatch is a 409, an ApiTemporaryError with status 409)."""
+        url = path(api_version, kind_plural, namespace, name)
+        body: Obj | None = None
+        if uid is not None:
+            body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+        status, _ = await self._request("DELETE", url, body=body)
+        return status != 404
 
     async def apply(self, obj: Obj) -> tuple[str, Obj]:
         """Make the live object hold `obj`: ("created" | "patched" | "unchanged", live object).

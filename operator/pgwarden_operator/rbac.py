@@ -141,8 +141,9 @@ def operator_cluster_role(name: str = OPERATOR_CLUSTER_ROLE) -> Manifest:
             # approval requests: read (and kopf's annotations), plus exactly what the proxy
             # Role grants. Kubernetes only lets the operator create a Role that grants what
             # the operator holds itself (RBAC escalation prevention); the alternative, the
-            # `escalate` and `bind` verbs, would let it grant anything. No delete.
-            _rule(GROUP, [_APPROVALS], ["get", "list", "watch", "create", "patch"]),
+            # `escalate` and `bind` verbs, would let it grant anything. Delete: decided
+            # requests go after the retention period (approvals.py); the only delete it holds.
+            _rule(GROUP, [_APPROVALS], ["get", "list", "watch", "create", "patch", "delete"]),
             _rule(GROUP, [_APPROVALS_STATUS], ["get", "patch"]),
             # the proxy bundle (ConfigMap), its Service and ServiceAccount
             _rule("", ["configmaps", "services", "serviceaccounts"], _MANAGE),

@@ -113,11 +113,16 @@ def test_the_operator_holds_what_the_proxy_role_grants() -> None:
     assert grants(PER_CONNECTION["Role"]) <= grants(CLUSTER["operator"])
 
 
-def test_the_operator_reads_no_secret_and_deletes_nothing() -> None:
+def test_the_operator_reads_no_secret_and_deletes_only_decided_approval_requests() -> None:
     role = CLUSTER["operator"]
     assert not [g for g in grants(role) if g[1] == "secrets"]
-    assert not [g for g in grants(role) if g[2] in ("delete", "deletecollection", "update")
-                and not g[1].endswith("/finalizers")]  # fmt: skip
+    # its one delete: ApprovalRequests past their retention period
+    risky = ("delete", "deletecollection", "update")
+    writes = [g for g in grants(role) if g[2] in risky and not g[1].endswith("/finalizers")]
+    assert writes == [("pgwarden.io", "approvalrequests", "delete")]
+    assert allowed(role, "pgwarden.io", "approvalrequests") == set(
+        ["get", "list", "watch", "create", "patch", "delete"]
+    )
     # its own kinds, their status, and the finalizers of the owner of what it creates
     assert allowed(role, "pgwarden.io", "databaseconnections") >= {"get", "list", "watch", "patch"}
     assert allowed(role, "pgwarden.io", "accesspolicies") >= {"get", "list", "watch", "patch"}
