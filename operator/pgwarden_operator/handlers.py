@@ -128,6 +128,16 @@ def _raw(body: Mapping[str, Any]) -> Obj:
     return copy.deepcopy({k: body[k] for k in body})
 
 
+def _waits_for(policy: Obj, connection: str) -> bool:
+    """A policy that selects `connection` (by name or "*") but whose status does not list it."""
+    if _deleting(policy):
+        return False
+    selects = (policy.get("spec") or {}).get("connections", ["*"])
+    if not isinstance(selects, list) or (connection not in selects and "*" not in selects):
+        return False
+    return connection not in ((policy.get("status") or {}).get("connections") or [])
+
+
 def _deleting(obj: Obj) -> bool:
     return bool(obj.get("metadata", {}).get("deletionTimestamp"))
 
@@ -288,8 +298,11 @@ class Operator:
                 ],
             }
             await self._write_status(api, CONNECTIONS, conn, status)
-        # the policies naming this connection may have been waiting for it
-        await self.refresh_policy_statuses(namespace, raw_policies)
+        # the policies that select this connection and do not list it yet were waiting for it
+        # (only those: refreshing every policy from every reconcile is connections x policies)
+        waiting = [p for p in raw_policies if _waits_for(p, name)]
+        if waiting:
+            await self.refresh_policy_statuses(namespace, waiting)
 
     # ------------------------------------------------------------------------------ policy
     async def reconcile_policy(
