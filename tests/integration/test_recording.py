@@ -329,6 +329,8 @@ def test_a_full_spool_refuses_statements_until_shipping_resumes(
         assert refused.sqlstate == "53100"
         assert "recording spool is full" in str(refused)
         assert "nothing may run unrecorded" in str(refused)
+        with pytest.raises(psycopg.OperationalError, match="recording spool is full"):
+            psycopg.connect(proxy.dsn())  # no new session either
         s3.up()
         wait_for(lambda: not list((tmp_path / "spool").glob("*.seg")), what="the spool to drain")
         assert conn.execute("SELECT 'back'").fetchone() == ("back",)
