@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from pgwarden.api.approvals import (
     TRANSITIONS,
     ApprovalRequest,
@@ -48,6 +50,37 @@ class ApprovalBackend(Protocol):
     def how_to_decide(self, name: str) -> str:
         """One line telling a person how to approve or deny, shown to the agent in a notice."""
         ...
+
+
+def validation_summary(err: ValidationError) -> str:
+    """The first few problems of a stored request that does not parse, on one line."""
+    parts = []
+    for item in err.errors()[:3]:
+        where = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+    more = err.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def seconds_left(req: ApprovalRequest, give_up_in: float) -> float:
+    """How long a wait goes on: until the proxy's hold timeout or the request's expiresAt."""
+    return min(give_up_in, (req.spec.expires_at - utcnow()).total_seconds())
+
+
+def expiry_comment(req: ApprovalRequest, timeout: float) -> str:
+    """Why a wait that ran out records Expired."""
+    if req.past_deadline():
+        return "no decision before the deadline"
+    return f"no decision within {timeout:g}s"
+
+
+def finish_comment(state: ApprovalState, comment: str | None) -> str | None:
+    """`ApprovalBackend.finish`'s arguments checked; a withdrawal gets a default comment."""
+    if state not in (ApprovalState.EXECUTED, ApprovalState.EXPIRED):
+        raise ValueError(f"the proxy finishes a request as Executed or Expired, not {state}")
+    if state is ApprovalState.EXPIRED and comment is None:
+        return "withdrawn by the proxy"
+    return comment
 
 
 def when(moment: datetime) -> str:

@@ -35,7 +35,15 @@ from pgwarden.api.approvals import (
     new_request_name,
     utcnow,
 )
-from pgwarden_proxy.approvals.backend import ApprovalError, UnknownApproval, transition
+from pgwarden_proxy.approvals.backend import (
+    ApprovalError,
+    UnknownApproval,
+    expiry_comment,
+    finish_comment,
+    seconds_left,
+    transition,
+    validation_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +53,6 @@ LOCK_FILE = ".lock"
 SUFFIX = ".json"
 FILE_MODE = 0o600
 DIR_MODE = 0o750
-
-
-def _summary(err: ValidationError) -> str:
-    parts = []
-    for item in err.errors()[:3]:
-        where = ".".join(str(p) for p in item["loc"])
-        parts.append(f"{where}: {item['msg']}" if where else item["msg"])
-    more = err.error_count() - len(parts)
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 class FileApprovals:
@@ -81,20 +80,14 @@ class FileApprovals:
             req = self._stored(name)
             if req.status.state is not ApprovalState.PENDING:
                 return req.status
-            left = min(give_up - loop.time(), (req.spec.expires_at - utcnow()).total_seconds())
+            left = seconds_left(req, give_up - loop.time())
             if left <= 0:
-                if req.past_deadline():
-                    why = "no decision before the deadline"
-                else:
-                    why = f"no decision within {timeout:g}s"
+                why = expiry_comment(req, timeout)
                 return (await asyncio.to_thread(self._expire, name, why)).status
             await asyncio.sleep(min(self.poll_interval, left))
 
     async def finish(self, name: str, state: ApprovalState, comment: str | None = None) -> None:
-        if state not in (ApprovalState.EXECUTED, ApprovalState.EXPIRED):
-            raise ValueError(f"the proxy finishes a request as Executed or Expired, not {state}")
-        if state is ApprovalState.EXPIRED and comment is None:
-            comment = "withdrawn by the proxy"
+        comment = finish_comment(state, comment)
         await asyncio.to_thread(self._change, name, state, None, comment)
 
     def how_to_decide(self, name: str) -> str:
@@ -174,7 +167,8 @@ class FileApprovals:
         try:
             req = ApprovalRequest.model_validate_json(data)
         except ValidationError as e:
-            raise ApprovalError(f"{path} is not an approval request: {_summary(e)}") from e
+            why = validation_summary(e)
+            raise ApprovalError(f"{path} is not an approval request: {why}") from e
         if path.name != f"{req.name}{SUFFIX}":
             raise ApprovalError(f"{path} holds request {req.name!r}: the file name must match")
         return req

@@ -43,8 +43,15 @@ from pgwarden.api.approvals import (
     utcnow,
 )
 from pgwarden.api.resources import API_VERSION, APPROVAL_REQUEST, GROUP, VERSION
-from pgwarden_proxy.approvals.backend import ApprovalError, UnknownApproval, transition
-from pgwarden_proxy.approvals.files import _summary
+from pgwarden_proxy.approvals.backend import (
+    ApprovalError,
+    UnknownApproval,
+    expiry_comment,
+    finish_comment,
+    seconds_left,
+    transition,
+    validation_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,20 +181,13 @@ class KubernetesApprovals:
                     continue
                 if req.status.state is not ApprovalState.PENDING:
                     return req.status
-                left = min(give_up - loop.time(), (req.spec.expires_at - utcnow()).total_seconds())
+                left = seconds_left(req, give_up - loop.time())
                 if left <= 0:
-                    if req.past_deadline():
-                        why = "no decision before the deadline"
-                    else:
-                        why = f"no decision within {timeout:g}s"
-                    return (await self._expire(http, name, why)).status
+                    return (await self._expire(http, name, expiry_comment(req, timeout))).status
                 await asyncio.sleep(min(self.poll_interval, left))
 
     async def finish(self, name: str, state: ApprovalState, comment: str | None = None) -> None:
-        if state not in (ApprovalState.EXECUTED, ApprovalState.EXPIRED):
-            raise ValueError(f"the proxy finishes a request as Executed or Expired, not {state}")
-        if state is ApprovalState.EXPIRED and comment is None:
-            comment = "withdrawn by the proxy"
+        comment = finish_comment(state, comment)
         async with self._session() as http:
             await self._change(http, name, state, comment)
 
@@ -299,7 +299,7 @@ class KubernetesApprovals:
         except ValidationError as e:
             raise ApprovalError(
                 f"approvalrequest {name} in namespace {self.namespace} is not a valid approval "
-                f"request: {_summary(e)}"
+                f"request: {validation_summary(e)}"
             ) from None
         return req, meta.get("resourceVersion")
 
