@@ -30,6 +30,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 if TYPE_CHECKING:
+    import pytest
     from mypy_boto3_s3 import S3Client
 
 __all__ = ["MotoServer"]
@@ -57,6 +58,19 @@ def _answers(port: int) -> bool:
         return False
     finally:
         conn.close()
+
+
+# what could point an S3 client somewhere else than the test's server
+_AWS_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+)
 
 
 class _Proxy:
@@ -216,6 +230,16 @@ class MotoServer:
     def env(self) -> dict[str, str]:
         """Environment for an S3 client (boto3, `open_store("s3://…")`) of this server."""
         return {**self._credentials(), "AWS_ENDPOINT_URL": self.endpoint_url}
+
+    def isolate(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """This server's AWS environment for the test, and nothing from the developer's."""
+        for var in _AWS_ENV_VARS:
+            monkeypatch.delenv(var, raising=False)
+        for var, value in self.env().items():
+            monkeypatch.setenv(var, value)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
     def client(self) -> S3Client:
         """A boto3 client talking to moto directly (works while the server is `down()`)."""

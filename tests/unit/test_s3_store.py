@@ -23,28 +23,12 @@ from tests.s3server import MotoServer
 
 ACCESS_KEY = "AKIAPGWARDENTEST0042"
 SECRET_KEY = "pgwarden/secret+do-not-leak-0042"
-_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_PROFILE",
-)
 
 
 @pytest.fixture
 def env(s3: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> MotoServer:
     """The moto server's AWS environment, and nothing from the developer's."""
-    for var in _ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    for var, value in s3.env().items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3.isolate(monkeypatch, tmp_path)
     return s3
 
 

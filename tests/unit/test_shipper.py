@@ -397,27 +397,9 @@ def test_the_manifest_is_signed_with_the_signing_key(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- S3
-_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_PROFILE",
-)
-
-
 @pytest.fixture
 def s3_store(s3: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Store:
-    for var in _ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    for var, value in s3.env().items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3.isolate(monkeypatch, tmp_path)
     bucket = s3.make_bucket(f"ship-{uuid.uuid4().hex[:12]}")
     return S3Store(bucket, "pgwarden", endpoint_url=s3.endpoint_url)
 
