@@ -29,7 +29,6 @@ import json
 import logging
 import random
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -44,14 +43,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for tests.kmockapi
 
 import kmock  # noqa: E402
-import kopf  # noqa: E402
 import yaml  # noqa: E402
 
 from pgwarden.api.resources import API_VERSION  # noqa: E402
 from pgwarden_operator import builders  # noqa: E402
-from pgwarden_operator.handlers import Operator, make_registry  # noqa: E402
 from pgwarden_operator.k8s import Api  # noqa: E402
-from tests.kmockapi import ApiServer, declare_crds  # noqa: E402
+from tests.kmockapi import ApiServer, OperatorThread, declare_crds  # noqa: E402
 
 NS = "bench"
 IMAGE = "registry.example/pgwarden:bench"
@@ -147,45 +144,6 @@ class BenchServer(ApiServer):
     def _next_version(self) -> str:
         _BUMPED.get([]).append(True)
         return super()._next_version()
-
-
-class OperatorThread:
-    """`kopf.operator()` with pgwarden's registry, in a thread with its own event loop (as in
-    tests/integration/test_operator.py)."""
-
-    def __init__(self, server: str) -> None:
-        self.op = Operator(server=server, image=IMAGE)
-        self.stop_flag = threading.Event()
-        self.ready_flag = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="kopf", daemon=True)
-
-    def _run(self) -> None:
-        settings = kopf.OperatorSettings()
-        settings.scanning.disabled = True  # kmock cannot serve /api/v1/namespaces
-        try:
-            asyncio.run(
-                kopf.operator(
-                    settings=settings,
-                    registry=make_registry(self.op),
-                    namespaces=[NS],
-                    standalone=True,
-                    stop_flag=self.stop_flag,
-                    ready_flag=self.ready_flag,
-                )
-            )
-        except BaseException as e:
-            self.error = e
-
-    async def start(self) -> None:
-        self.thread.start()
-        loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, self.ready_flag.wait, 30):
-            raise RuntimeError(f"kopf did not start: {self.error!r}")
-
-    async def stop(self) -> None:
-        self.stop_flag.set()
-        await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 30)
 
 
 class Bench:
@@ -378,7 +336,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         declare_crds(server)
         url = str(server.url)
         async with Api(url) as client:
-            operator = OperatorThread(url)
+            operator = OperatorThread(url, NS, IMAGE, timeout=30)
             await operator.start()
             bench = Bench(server, client, operator)
             try:

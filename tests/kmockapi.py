@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import secrets
+import threading
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -50,7 +51,10 @@ import attrs
 import jsonpatch
 import jsonpointer
 import kmock
+import kopf
 import yaml
+
+from pgwarden_operator.handlers import Operator, make_registry
 
 CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
 
@@ -310,3 +314,58 @@ def declare_crds(api: kmock.KubernetesEmulator, crd_dir: Path = CRD_DIR) -> None
                     subresources=set(version.get("subresources", {})),
                 )
             )
+
+
+class OperatorThread:
+    """The real operator: `kopf.operator()` with pgwarden's registry, watching one namespace, in
+    a thread with its own event loop (the tests and bench/operator.py run it this way)."""
+
+    def __init__(self, server: str, namespace: str, image: str, timeout: float = 15) -> None:
+        self.server = server
+        self.namespace = namespace
+        self.image = image
+        self.timeout = timeout
+        self.op = Operator(server=server, image=image)
+        self.stop_flag = threading.Event()
+        self.ready_flag = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kopf", daemon=True)
+
+    def again(self) -> OperatorThread:
+        """A new operator for the same API (a restart)."""
+        return OperatorThread(self.server, self.namespace, self.image, self.timeout)
+
+    def _run(self) -> None:
+        settings = kopf.OperatorSettings()
+        # kmock 0.8 cannot parse /api/v1/namespaces (it takes "namespaces" for the start of
+        # /namespaces/{ns}/...), which kopf's namespace and CRD scanning lists and watches;
+        # with one fixed namespace and the CRDs declared up front, scanning has nothing to find
+        settings.scanning.disabled = True
+        try:
+            asyncio.run(
+                kopf.operator(
+                    settings=settings,
+                    registry=make_registry(self.op),
+                    namespaces=[self.namespace],
+                    standalone=True,
+                    stop_flag=self.stop_flag,
+                    ready_flag=self.ready_flag,
+                )
+            )
+        except BaseException as e:  # reported by start() and stop()
+            self.error = e
+
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.error is None
+
+    async def start(self) -> None:
+        self.thread.start()
+        loop = asyncio.get_running_loop()
+        ready = await loop.run_in_executor(None, self.ready_flag.wait, self.timeout)
+        assert ready, f"kopf did not start: {self.error!r}"
+
+    async def stop(self) -> None:
+        self.stop_flag.set()
+        await asyncio.get_running_loop().run_in_executor(None, self.thread.join, self.timeout)
+        assert not self.thread.is_alive(), "kopf did not stop"
+        assert self.error is None, f"kopf failed: {self.error!r}"

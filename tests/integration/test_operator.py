@@ -8,12 +8,10 @@ with deadlines.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import kmock
-import kopf
 import pytest
 import yaml
 
@@ -23,9 +21,9 @@ from pgwarden.api.resources import (
     DatabaseConnectionStatus,
 )
 from pgwarden_operator import builders
-from pgwarden_operator.handlers import FINALIZER, Operator, make_registry
+from pgwarden_operator.handlers import FINALIZER
 from pgwarden_operator.k8s import Api, ApiPermanentError, ApiTemporaryError
-from tests.kmockapi import ApiServer, declare_crds
+from tests.kmockapi import ApiServer, OperatorThread, declare_crds
 
 NS = "data"
 IMAGE = "registry.example/pgwarden:test"
@@ -69,60 +67,13 @@ def access_policy(name: str, connections: list[str], **over: Any) -> dict[str, A
     }
 
 
-class OperatorThread:
-    """`kopf.operator()` with pgwarden's registry, in a thread with its own event loop."""
-
-    def __init__(self, server: str) -> None:
-        self.server = server
-        self.op = Operator(server=server, image=IMAGE)
-        self.stop_flag = threading.Event()
-        self.ready_flag = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="kopf", daemon=True)
-
-    def _run(self) -> None:
-        settings = kopf.OperatorSettings()
-        # kmock 0.8 cannot parse /api/v1/namespaces (it takes "namespaces" for the start of
-        # /namespaces/{ns}/...), which kopf's namespace and CRD scanning lists and watches;
-        # with one fixed namespace and the CRDs declared up front, scanning has nothing to find
-        settings.scanning.disabled = True
-        try:
-            asyncio.run(
-                kopf.operator(
-                    settings=settings,
-                    registry=make_registry(self.op),
-                    namespaces=[NS],
-                    standalone=True,
-                    stop_flag=self.stop_flag,
-                    ready_flag=self.ready_flag,
-                )
-            )
-        except BaseException as e:  # reported by the fixture
-            self.error = e
-
-    def alive(self) -> bool:
-        return self.thread.is_alive() and self.error is None
-
-    async def start(self) -> None:
-        self.thread.start()
-        loop = asyncio.get_running_loop()
-        ready = await loop.run_in_executor(None, self.ready_flag.wait, 15)
-        assert ready, f"kopf did not start: {self.error!r}"
-
-    async def stop(self) -> None:
-        self.stop_flag.set()
-        await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 15)
-        assert not self.thread.is_alive(), "kopf did not stop"
-        assert self.error is None, f"kopf failed: {self.error!r}"
-
-
 class Cluster:
     def __init__(self, server: ApiServer, client: Api, operator: OperatorThread) -> None:
         self.server, self.client, self.operator = server, client, operator
 
     async def restart(self) -> None:
         await self.operator.stop()
-        self.operator = OperatorThread(self.operator.server)
+        self.operator = self.operator.again()
         await self.operator.start()
 
     async def settle(self, quiet: float = 0.5, within: float = 10.0) -> None:
@@ -202,7 +153,7 @@ async def cluster() -> AsyncIterator[Cluster]:
         declare_crds(server)
         url = str(server.url)
         async with Api(url) as client:
-            operator = OperatorThread(url)
+            operator = OperatorThread(url, NS, IMAGE)
             await operator.start()
             c = Cluster(server, client, operator)
             try:

@@ -28,8 +28,8 @@ from pgwarden_operator.approvals import (
 )
 from pgwarden_operator.handlers import FINALIZER, Operator
 from pgwarden_operator.k8s import Api
-from tests.integration.test_operator import NS, Cluster, OperatorThread, _events
-from tests.kmockapi import ApiServer, declare_crds
+from tests.integration.test_operator import IMAGE, NS, Cluster, _events
+from tests.kmockapi import ApiServer, OperatorThread, declare_crds
 
 APPROVALS = f"{API_VERSION}/approvalrequests"
 
@@ -67,7 +67,7 @@ async def running_cluster() -> AsyncIterator[Cluster]:
         declare_crds(server)
         url = str(server.url)
         async with Api(url) as client:
-            operator = OperatorThread(url)
+            operator = OperatorThread(url, NS, IMAGE)
             await operator.start()
             c = Cluster(server, client, operator)
             try:
