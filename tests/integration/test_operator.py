@@ -8,6 +8,7 @@ with deadlines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -147,8 +148,9 @@ class Cluster:
         return None
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
+@contextlib.asynccontextmanager
+async def running_cluster() -> AsyncIterator[Cluster]:
+    """The emulated API server with pgwarden's CRDs, a client, and the operator running."""
     async with ApiServer() as server, kmock.Server(server):
         declare_crds(server)
         url = str(server.url)
@@ -160,6 +162,12 @@ async def cluster() -> AsyncIterator[Cluster]:
                 yield c
             finally:
                 await c.operator.stop()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with running_cluster() as c:
+        yield c
 
 
 def bundle_policies(cm: dict[str, Any] | None) -> list[str] | None:

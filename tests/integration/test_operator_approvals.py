@@ -9,7 +9,6 @@ cluster helpers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,8 +27,8 @@ from pgwarden_operator.approvals import (
 )
 from pgwarden_operator.handlers import FINALIZER, Operator
 from pgwarden_operator.k8s import Api
-from tests.integration.test_operator import IMAGE, NS, Cluster, _events
-from tests.kmockapi import ApiServer, OperatorThread, declare_crds
+from tests.integration.test_operator import NS, Cluster, _events, running_cluster
+from tests.kmockapi import ApiServer, declare_crds
 
 APPROVALS = f"{API_VERSION}/approvalrequests"
 
@@ -59,21 +58,6 @@ def request(name: str, expires_in: float, **over: Any) -> dict[str, Any]:
             **over,
         },
     }
-
-
-@contextlib.asynccontextmanager
-async def running_cluster() -> AsyncIterator[Cluster]:
-    async with ApiServer() as server, kmock.Server(server):
-        declare_crds(server)
-        url = str(server.url)
-        async with Api(url) as client:
-            operator = OperatorThread(url, NS, IMAGE)
-            await operator.start()
-            c = Cluster(server, client, operator)
-            try:
-                yield c
-            finally:
-                await c.operator.stop()
 
 
 @pytest.fixture
