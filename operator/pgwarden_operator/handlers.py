@@ -34,7 +34,8 @@ import asyncio
 import copy
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -51,9 +52,15 @@ from pgwarden.api.resources import (
     DatabaseConnectionSpec,
 )
 from pgwarden_operator import approvals, builders, rbac
+from pgwarden_operator.coalesce import Coalescer
 from pgwarden_operator.k8s import Api, Obj, is_subset
 
 IMAGE_ENV = "PGWARDEN_IMAGE"
+# renders and policy-status writes in flight at once: a burst of events queues here instead of
+# in the API client's connection pool (where a request's timeout would run out while it waits)
+RENDER_CONCURRENCY = 8
+STATUS_CONCURRENCY = 8
+BUNDLE = "ConfigMap"  # the kind a policy change touches (proxies reload it live)
 DEFAULT_IMAGE = "ghcr.io/pgwarden/pgwarden:latest"
 FINALIZER = f"{GROUP}/finalizer"
 CONNECTIONS = DATABASE_CONNECTION.plural
@@ -128,23 +135,69 @@ def _raw(body: Mapping[str, Any]) -> Obj:
     return copy.deepcopy({k: body[k] for k in body})
 
 
-def _waits_for(policy: Obj, connection: str) -> bool:
-    """A policy that selects `connection` (by name or "*") but whose status does not list it."""
-    if _deleting(policy):
+def _waits_for(policy: IndexedPolicy, connection: str) -> bool:
+    """A policy that selects `connection` but whose status does not list it."""
+    if not policy.counts or policy.spec is None or not policy.spec.selects(connection):
         return False
-    selects = (policy.get("spec") or {}).get("connections", ["*"])
-    if not isinstance(selects, list) or (connection not in selects and "*" not in selects):
-        return False
-    return connection not in ((policy.get("status") or {}).get("connections") or [])
+    return connection not in ((policy.raw.get("status") or {}).get("connections") or [])
+
+
+def _applied(conn: Obj, digest: str) -> bool:
+    """Were this generation's objects (not only its bundle) applied? Ready, observed and with
+    the spec hash of what would be applied now."""
+    status = conn.get("status") or {}
+    ready = any(
+        isinstance(c, Mapping) and c.get("type") == READY and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    return (
+        ready
+        and status.get("observedGeneration") == conn["metadata"].get("generation")
+        and status.get("specHash") == digest
+    )
+
+
+def _where(body: kopf.Body) -> tuple[str, str]:
+    """(namespace, name) of a namespaced object."""
+    return str(body.metadata.namespace), str(body.metadata.name)
 
 
 def _deleting(obj: Obj) -> bool:
     return bool(obj.get("metadata", {}).get("deletionTimestamp"))
 
 
+@dataclass(frozen=True)
+class IndexedPolicy:
+    """An AccessPolicy as the index holds it: the object, and its spec parsed once per change
+    (None with `error` when invalid)."""
+
+    raw: Obj
+    spec: AccessPolicySpec | None
+    error: str | None
+
+    @property
+    def name(self) -> str:
+        return str(self.raw["metadata"]["name"])
+
+    @property
+    def counts(self) -> bool:
+        """Valid and not being deleted: it shapes bundles."""
+        return self.spec is not None and not _deleting(self.raw)
+
+
+def index_policy(body: Mapping[str, Any]) -> IndexedPolicy:
+    raw = _raw(body)
+    try:
+        return IndexedPolicy(raw, AccessPolicySpec.model_validate(raw.get("spec") or {}), None)
+    except ValidationError as e:
+        return IndexedPolicy(raw, None, validation_message(e))
+
+
 class Operator:
     """What the handlers of one running operator share: the image, the API credentials (from
-    kopf's login), the client (created in the operator's event loop) and the locks."""
+    kopf's login), the client (created in the operator's event loop), the in-memory indices of
+    policies and connections (kopf keeps them from its watches; handlers start only once they
+    are filled) and the coalesced work queues."""
 
     def __init__(
         self,
@@ -161,7 +214,21 @@ class Operator:
         self._info: kopf.ConnectionInfo | None = None
         self._api: Api | None = None
         self._api_info: kopf.ConnectionInfo | None = None
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._policy_index: Mapping[str, Iterable[IndexedPolicy]] = {}
+        self._connection_index: Mapping[str, Iterable[Obj]] = {}
+        # created in the operator's event loop (attach)
+        self._renders: Coalescer[tuple[str, str]] | None = None
+        self._statuses: Coalescer[tuple[str, str]] | None = None
+
+    def attach(
+        self,
+        policies: Mapping[str, Iterable[IndexedPolicy]],
+        connections: Mapping[str, Iterable[Obj]],
+    ) -> None:
+        """At startup: kopf's indices, and the work queues of this event loop."""
+        self._policy_index, self._connection_index = policies, connections
+        self._renders = Coalescer(self._render, RENDER_CONCURRENCY)
+        self._statuses = Coalescer(self._refresh_policy_status, STATUS_CONCURRENCY)
 
     # ------------------------------------------------------------------------------ access
     def login(self, **kwargs: Any) -> kopf.ConnectionInfo:
@@ -194,180 +261,180 @@ class Operator:
             await self._api.close()
             self._api = None
 
-    def _lock(self, namespace: str, name: str) -> asyncio.Lock:
-        return self._locks.setdefault((namespace, name), asyncio.Lock())
-
     # ------------------------------------------------------------------------------ reads
-    async def policies(
-        self, namespace: str
-    ) -> tuple[list[Obj], list[tuple[str, AccessPolicySpec]]]:
-        """All AccessPolicies of the namespace, and the valid, not deleting ones parsed."""
-        api = await self.api()
-        raw = await api.list(API_VERSION, POLICIES, namespace)
-        parsed: list[tuple[str, AccessPolicySpec]] = []
-        for obj in raw:
-            if _deleting(obj):
-                continue
-            try:
-                spec = AccessPolicySpec.model_validate(obj.get("spec") or {})
-            except ValidationError:
-                continue  # its own handler marks it Valid=False; it grants nothing
-            parsed.append((obj["metadata"]["name"], spec))
-        return raw, parsed
+    def policies(self, namespace: str) -> list[IndexedPolicy]:
+        """The namespace's AccessPolicies as of the latest watch event, by name."""
+        found = self._policy_index.get(namespace, ())
+        return sorted(found, key=lambda p: p.name)
+
+    def connection_names(self, namespace: str) -> set[str]:
+        """The namespace's DatabaseConnections that are not being deleted."""
+        found = self._connection_index.get(namespace, ())
+        return {c["metadata"]["name"] for c in found if not _deleting(c)}
+
+    def _queues(self) -> tuple[Coalescer[tuple[str, str]], Coalescer[tuple[str, str]]]:
+        if self._renders is None or self._statuses is None:
+            raise kopf.TemporaryError("the operator is still starting", delay=1)
+        return self._renders, self._statuses
 
     # ------------------------------------------------------------------------------ connection
-    async def reconcile_connection(self, conn: Obj, logger: Log | None = None) -> None:
-        log = logger or _log
-        meta = conn["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        async with self._lock(namespace, name):
-            api = await self.api()
-            # the latest version (a policy handler passes what it listed a moment ago)
-            fresh = await api.get(API_VERSION, CONNECTIONS, namespace, name)
-            if fresh is None or _deleting(fresh):
-                return
-            conn = fresh
-            generation = conn["metadata"].get("generation")
-            old_status = conn.get("status") or {}
-            try:
-                spec = DatabaseConnectionSpec.model_validate(conn.get("spec") or {})
-                raw_policies, policies = await self.policies(namespace)
-                uid = conn["metadata"].get("uid", "")
-                # the proxy's identity and its right to ApprovalRequests first: the Deployment
-                # names the ServiceAccount
-                manifests = rbac.proxy_rbac(name, namespace, uid) + builders.desired(
-                    name, namespace, uid, spec, policies, self.image
-                )
-            except (ValidationError, builders.InvalidSpec) as e:
-                message = validation_message(e) if isinstance(e, ValidationError) else str(e)
-                log.warning("DatabaseConnection %s/%s: invalid spec: %s", namespace, name, message)
-                kopf.warn(
-                    kopf.Body(cast("kopf.RawBody", conn)),
-                    reason=INVALID_SPEC,
-                    message=message[:1024],
-                )
-                status = {
-                    "observedGeneration": generation,
-                    "conditions": [
-                        condition(
-                            READY,
-                            False,
-                            INVALID_SPEC,
-                            message + " (the proxy keeps running its last valid configuration)",
-                            generation,
-                            old_status.get("conditions"),
-                        )
-                    ],
-                }
-                await self._write_status(api, CONNECTIONS, conn, status)
-                return
+    async def reconcile_connection(self, namespace: str, name: str, *, full: bool = True) -> None:
+        """Render the connection's objects (`full`) or only its bundle (a policy changed);
+        requests that pile up while one waits are served by one render."""
+        renders, statuses = self._queues()
+        await renders.run((namespace, name), full)
+        if not full:
+            return
+        # the policies that select this connection and do not list it yet were waiting for it
+        # (only those: refreshing every policy from every reconcile is connections x policies)
+        waiting = [p.name for p in self.policies(namespace) if _waits_for(p, name)]
+        await asyncio.gather(*(statuses.run((namespace, p)) for p in waiting))
 
-            ready_replicas = 0
-            for manifest in manifests:
-                action, live = await api.apply(manifest)
-                if action != "unchanged":
-                    log.info(
-                        "%s %s/%s %s",
-                        manifest["kind"],
-                        namespace,
-                        manifest["metadata"]["name"],
-                        action,
-                    )
-                if manifest["kind"] == "Deployment":
-                    ready_replicas = int((live.get("status") or {}).get("readyReplicas") or 0)
-            selected = sorted(n for n, p in policies if p.selects(name))
+    async def _render(self, key: tuple[str, str], full: bool) -> None:
+        namespace, name = key
+        log = _log
+        api = await self.api()
+        # the latest version: the index may be a moment behind
+        conn = await api.get(API_VERSION, CONNECTIONS, namespace, name)
+        if conn is None or _deleting(conn):
+            return
+        generation = conn["metadata"].get("generation")
+        old_status = conn.get("status") or {}
+        policies = [(p.name, p.spec) for p in self.policies(namespace) if p.spec and p.counts]
+        try:
+            spec = DatabaseConnectionSpec.model_validate(conn.get("spec") or {})
+            uid = conn["metadata"].get("uid", "")
+            # the proxy's identity and its right to ApprovalRequests first: the Deployment
+            # names the ServiceAccount
+            manifests = rbac.proxy_rbac(name, namespace, uid) + builders.desired(
+                name, namespace, uid, spec, policies, self.image
+            )
+        except (ValidationError, builders.InvalidSpec) as e:
+            message = validation_message(e) if isinstance(e, ValidationError) else str(e)
+            log.warning("DatabaseConnection %s/%s: invalid spec: %s", namespace, name, message)
+            kopf.warn(
+                kopf.Body(cast("kopf.RawBody", conn)),
+                reason=INVALID_SPEC,
+                message=message[:1024],
+            )
             status = {
                 "observedGeneration": generation,
-                "endpoint": (
-                    f"{builders.proxy_name(name)}.{namespace}.svc:{spec.proxy.service.port}"
-                ),
-                "policies": selected,
-                "readyReplicas": ready_replicas,
-                "specHash": builders.spec_hash(
-                    spec, name, namespace, spec.proxy.image or self.image
-                ),
                 "conditions": [
                     condition(
                         READY,
-                        True,
-                        RECONCILED,
-                        f"proxy objects applied with {len(selected)} AccessPolicies",
+                        False,
+                        INVALID_SPEC,
+                        message + " (the proxy keeps running its last valid configuration)",
                         generation,
                         old_status.get("conditions"),
                     )
                 ],
             }
             await self._write_status(api, CONNECTIONS, conn, status)
-        # the policies that select this connection and do not list it yet were waiting for it
-        # (only those: refreshing every policy from every reconcile is connections x policies)
-        waiting = [p for p in raw_policies if _waits_for(p, name)]
-        if waiting:
-            await self.refresh_policy_statuses(namespace, waiting)
+            return
+
+        digest = builders.spec_hash(spec, name, namespace, spec.proxy.image or self.image)
+        # a policy change touches only the bundle, unless this generation was never applied
+        if not full and not _applied(conn, digest):
+            full = True
+        ready_replicas = int(old_status.get("readyReplicas") or 0)
+        for manifest in manifests if full else [m for m in manifests if m["kind"] == BUNDLE]:
+            action, live = await api.apply(manifest)
+            if action != "unchanged":
+                log.info(
+                    "%s %s/%s %s", manifest["kind"], namespace, manifest["metadata"]["name"], action
+                )
+            if manifest["kind"] == "Deployment":
+                ready_replicas = int((live.get("status") or {}).get("readyReplicas") or 0)
+        selected = sorted(n for n, p in policies if p.selects(name))
+        status = {
+            "observedGeneration": generation,
+            "endpoint": f"{builders.proxy_name(name)}.{namespace}.svc:{spec.proxy.service.port}",
+            "policies": selected,
+            "readyReplicas": ready_replicas,
+            "specHash": digest,
+            "conditions": [
+                condition(
+                    READY,
+                    True,
+                    RECONCILED,
+                    f"proxy objects applied with {len(selected)} AccessPolicies",
+                    generation,
+                    old_status.get("conditions"),
+                )
+            ],
+        }
+        await self._write_status(api, CONNECTIONS, conn, status)
+
+    async def track_replicas(self, namespace: str, deployment: Mapping[str, Any]) -> None:
+        """A proxy Deployment's readyReplicas, copied to its connection's status (the printer
+        column), without a render."""
+        name = (deployment.get("metadata", {}).get("labels") or {}).get(builders.CONNECTION_LABEL)
+        if not name:
+            return
+        ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+        api = await self.api()
+        conn = await api.get(API_VERSION, CONNECTIONS, namespace, name)
+        if conn is None or _deleting(conn):
+            return
+        if int((conn.get("status") or {}).get("readyReplicas") or 0) != ready:
+            await api.patch_status(
+                API_VERSION, CONNECTIONS, namespace, name, {"readyReplicas": ready}
+            )
 
     # ------------------------------------------------------------------------------ policy
     async def reconcile_policy(
         self, policy: Obj, *, deleting: bool = False, logger: Log | None = None
     ) -> None:
+        """Re-render the bundles of the connections the policy selects now or selected before
+        (status.connections), then bring its status up to date."""
         log = logger or _log
         meta = policy["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        api = await self.api()
-        connections = {
-            c["metadata"]["name"]: c
-            for c in await api.list(API_VERSION, CONNECTIONS, namespace)
-            if not _deleting(c)
-        }
-        spec: AccessPolicySpec | None
-        try:
-            spec = AccessPolicySpec.model_validate(policy.get("spec") or {})
-            error = None
-        except ValidationError as e:
-            spec, error = None, validation_message(e)
-            log.warning("AccessPolicy %s/%s: invalid spec: %s", namespace, name, error)
+        renders, statuses = self._queues()
+        entry = index_policy(policy)
+        if entry.error is not None:
+            log.warning("AccessPolicy %s/%s: invalid spec: %s", namespace, name, entry.error)
             kopf.warn(
-                kopf.Body(cast("kopf.RawBody", policy)), reason=INVALID_SPEC, message=error[:1024]
+                kopf.Body(cast("kopf.RawBody", policy)),
+                reason=INVALID_SPEC,
+                message=entry.error[:1024],
             )
+        names = self.connection_names(namespace)
         selected = (
-            [] if spec is None or deleting else sorted(n for n in connections if spec.selects(n))
+            set() if entry.spec is None or deleting else {n for n in names if entry.spec.selects(n)}
         )
         before = set((policy.get("status") or {}).get("connections") or [])
-        for conn_name in sorted((before | set(selected)) & connections.keys()):
-            await self.reconcile_connection(connections[conn_name], logger=log)
-        if deleting:
-            return
-        fresh = await api.get(API_VERSION, POLICIES, namespace, name)
-        if fresh is not None:
-            await self._write_policy_status(api, fresh, set(connections), error)
+        targets = sorted((before | selected) & names)
+        await asyncio.gather(*(renders.run((namespace, c)) for c in targets))
+        if not deleting:
+            await statuses.run((namespace, name))
 
-    async def refresh_policy_statuses(self, namespace: str, raw_policies: list[Obj]) -> None:
-        """Bring the policies' status.connections and ConnectionsResolved up to date after a
-        connection appeared (only status writes; the ConfigMaps are already right)."""
-        api = await self.api()
-        names = {
-            c["metadata"]["name"]
-            for c in await api.list(API_VERSION, CONNECTIONS, namespace)
-            if not _deleting(c)
-        }
-        for policy in raw_policies:
-            if _deleting(policy):
-                continue
-            try:
-                AccessPolicySpec.model_validate(policy.get("spec") or {})
-            except ValidationError:
-                continue
-            await self._write_policy_status(api, policy, names, None)
+    async def refresh_policy_statuses(self, namespace: str, names: Iterable[str]) -> None:
+        """Bring these policies' status.connections and ConnectionsResolved up to date (only
+        status writes: after a connection appeared or went, or when the operator resumes)."""
+        _, statuses = self._queues()
+        await asyncio.gather(*(statuses.run((namespace, n)) for n in names))
+
+    async def _refresh_policy_status(self, key: tuple[str, str], _full: bool) -> None:
+        namespace, name = key
+        entry = next((p for p in self.policies(namespace) if p.name == name), None)
+        if entry is None or _deleting(entry.raw):
+            return
+        await self._write_policy_status(await self.api(), entry, self.connection_names(namespace))
 
     async def _write_policy_status(
-        self, api: Api, policy: Obj, connection_names: set[str], error: str | None
+        self, api: Api, entry: IndexedPolicy, connection_names: set[str]
     ) -> None:
+        policy, spec, error = entry.raw, entry.spec, entry.error
         generation = policy["metadata"].get("generation")
         previous = (policy.get("status") or {}).get("conditions")
-        if error is not None:
+        if spec is None:
             status: Obj = {
                 "observedGeneration": generation,
                 "connections": [],
                 "conditions": [
-                    condition(VALID, False, INVALID_SPEC, error, generation, previous),
+                    condition(VALID, False, INVALID_SPEC, error or "", generation, previous),
                     condition(
                         RESOLVED,
                         False,
@@ -380,7 +447,6 @@ class Operator:
             }
             await self._write_status(api, POLICIES, policy, status)
             return
-        spec = AccessPolicySpec.model_validate(policy.get("spec") or {})
         selected = sorted(n for n in connection_names if spec.selects(n))
         missing = sorted(n for n in set(spec.connections) - {"*"} if n not in connection_names)
         if missing:
@@ -422,9 +488,22 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     keeper = approvals.ApprovalKeeper(op)
 
+    # kopf keeps these from its watches and starts no handler before both are filled, so a
+    # render reads policies from memory instead of listing them (that was connections x
+    # policies objects parsed at every burst)
+    @kopf.index(GROUP, VERSION, POLICIES, id="policy_index", registry=registry)
+    def policy_index(body: kopf.Body, **_: Any) -> dict[str, IndexedPolicy]:
+        return {_where(body)[0]: index_policy(body)}
+
+    @kopf.index(GROUP, VERSION, CONNECTIONS, id="connection_index", registry=registry)
+    def connection_index(body: kopf.Body, **_: Any) -> dict[str, Obj]:
+        return {_where(body)[0]: {"metadata": _raw(body.metadata)}}
+
     @kopf.on.startup(id="startup", registry=registry)
-    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         configure(settings)
+        # kopf passes every index to every handler, by the index handler's id
+        op.attach(kwargs["policy_index"], kwargs["connection_index"])
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo:
@@ -438,14 +517,46 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
     @kopf.on.resume(GROUP, VERSION, CONNECTIONS, id="connection", registry=registry)
     @kopf.on.create(GROUP, VERSION, CONNECTIONS, id="connection", registry=registry)
     @kopf.on.update(GROUP, VERSION, CONNECTIONS, id="connection", registry=registry)
-    async def connection(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        await op.reconcile_connection(_raw(body), logger=logger)
+    async def connection(body: kopf.Body, **_: Any) -> None:
+        await op.reconcile_connection(*_where(body))
 
-    @kopf.on.resume(GROUP, VERSION, POLICIES, id="policy", registry=registry)
+    # no finalizer (the children go by owner reference), so no on.delete: the watch's DELETED
+    # event, after the index dropped the connection, updates the policies that listed it
+    @kopf.on.event(GROUP, VERSION, CONNECTIONS, id="connection-gone", registry=registry)
+    async def connection_gone(type: str, body: kopf.Body, **_: Any) -> None:
+        if type != "DELETED":
+            return
+        namespace, name = _where(body)
+        listing = [
+            p.name
+            for p in op.policies(namespace)
+            if name in ((p.raw.get("status") or {}).get("connections") or [])
+        ]
+        await op.refresh_policy_statuses(namespace, listing)
+
+    @kopf.on.event(
+        "apps",
+        "v1",
+        "deployments",
+        id="proxy-replicas",
+        labels={builders.CONNECTION_LABEL: kopf.PRESENT},
+        registry=registry,
+    )
+    async def proxy_replicas(type: str, body: kopf.Body, **_: Any) -> None:
+        if type != "DELETED":
+            await op.track_replicas(_where(body)[0], body)
+
     @kopf.on.create(GROUP, VERSION, POLICIES, id="policy", registry=registry)
     @kopf.on.update(GROUP, VERSION, POLICIES, id="policy", registry=registry)
     async def policy(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         await op.reconcile_policy(_raw(body), logger=logger)
+
+    # on resume, the connections' own resume renders every bundle from the full index: a
+    # policy only brings its status up to date
+    @kopf.on.resume(GROUP, VERSION, POLICIES, id="policy-resumed", registry=registry)
+    async def policy_resumed(body: kopf.Body, **_: Any) -> None:
+        namespace, name = _where(body)
+        await op.refresh_policy_statuses(namespace, [name])
 
     @kopf.on.delete(GROUP, VERSION, POLICIES, id="policy-deleted", registry=registry)
     async def policy_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:

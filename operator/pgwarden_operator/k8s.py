@@ -123,15 +123,17 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
         ctx.load_verify_locations(cadata=base64.b64decode(data).decode())
     cert, key = info.certificate_path, info.private_key_path
     if info.certificate_data and info.private_key_data:
-        # ssl wants files: write the client certificate and key to a private temporary dir
-        tmp = tempfile.mkdtemp(prefix="pgwarden-k8s-")
-        cert, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
-        for target, blob in ((cert, info.certificate_data), (key, info.private_key_data)):
-            raw = blob.encode() if isinstance(blob, str) else blob
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(base64.b64decode(raw))
-    if cert and key:
+        # ssl wants files: write the client certificate and key to a private temporary dir,
+        # removed once loaded (a short-lived CLI must not leave private keys behind in /tmp)
+        with tempfile.TemporaryDirectory(prefix="pgwarden-k8s-") as tmp:
+            cert, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+            for target, blob in ((cert, info.certificate_data), (key, info.private_key_data)):
+                raw = blob.encode() if isinstance(blob, str) else blob
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(base64.b64decode(raw))
+            ctx.load_cert_chain(cert, key)
+    elif cert and key:
         ctx.load_cert_chain(os.fsdecode(cert), os.fsdecode(key))
     return ctx
 
@@ -156,7 +158,9 @@ class Api:
         self._session = aiohttp.ClientSession(
             headers=headers,
             auth=auth,
-            timeout=aiohttp.ClientTimeout(total=timeout),
+            # per socket operation, not `total`: a request queued behind others for a pooled
+            # connection must not time out before it was sent
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
             connector=aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True),
         )
 

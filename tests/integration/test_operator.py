@@ -432,3 +432,51 @@ async def test_client_classifies_errors_for_kopf() -> None:
         with pytest.raises(ApiTemporaryError) as down:
             await client.get("v1", "configmaps", NS, "x")
         assert down.value.status is None
+
+
+async def test_ready_replicas_follow_the_proxy_deployment(cluster: Cluster) -> None:
+    """The printer column READY comes from the Deployment's status, without a re-render."""
+    await cluster.create(connection("orders"))
+    await cluster.eventually(lambda: cluster.is_true(CONNECTIONS, "orders", "Ready"), "Ready")
+    assert cluster.status(CONNECTIONS, "orders")["readyReplicas"] == 0
+    configmap_versions = cluster.versions("v1/configmaps", "orders-proxy")
+    await cluster.client.patch(
+        "apps/v1",
+        "deployments",
+        NS,
+        "orders-proxy",
+        {"status": {"replicas": 2, "readyReplicas": 2}},
+        subresource="status",
+    )
+    await cluster.eventually(
+        lambda: cluster.status(CONNECTIONS, "orders").get("readyReplicas") == 2,
+        "status.readyReplicas from the Deployment",
+    )
+    assert cluster.versions("v1/configmaps", "orders-proxy") == configmap_versions
+
+
+async def test_deleted_connection_leaves_the_policy_statuses(cluster: Cluster) -> None:
+    await cluster.create(connection("orders"))
+    await cluster.create(access_policy("named", ["orders"]))
+    await cluster.create(access_policy("everyone", ["*"]))
+    for name in ("named", "everyone"):
+        await cluster.eventually(
+            lambda name=name: cluster.is_true(POLICIES, name, "ConnectionsResolved"),  # type: ignore[misc]
+            f"{name} resolved",
+        )
+    await cluster.delete(CONNECTIONS, "orders")
+    named = await cluster.eventually(
+        lambda: (c := cluster.condition(POLICIES, "named", "ConnectionsResolved"))
+        and c["status"] == "False"
+        and c,
+        "the named policy's status after the deletion",
+    )
+    assert named["reason"] == "MissingConnection"
+    everyone = await cluster.eventually(
+        lambda: (c := cluster.condition(POLICIES, "everyone", "ConnectionsResolved"))
+        and c["status"] == "False"
+        and c,
+        "the * policy's status after the deletion",
+    )
+    assert everyone["reason"] == "NoConnection"
+    assert cluster.status(POLICIES, "named")["connections"] == []
