@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pgwarden.api.policy import AccessPolicySpec, Duration, Model
 
@@ -199,6 +199,37 @@ class Logging(Model):
     statements: bool = True
 
 
+class Peers(Model):
+    """The other replicas of this proxy, so that a cancel request reaches the session it names
+    whichever replica the load balancer picked (a client cancels on a new connection)."""
+
+    dns: str | None = Field(
+        default=None,
+        min_length=1,
+        description="a name that resolves to every replica (a headless Service), on `port`",
+    )
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="the replicas' port (default: listen.port)"
+    )
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="fixed `host:port` addresses of the replicas (instead of, or with, dns)",
+    )
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.dns or self.addresses)
+
+    @field_validator("addresses")
+    @classmethod
+    def _host_port(cls, v: list[str]) -> list[str]:
+        for a in v:
+            host, _, port = a.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{a!r} is not host:port")
+        return v
+
+
 class ProxyConfig(Model):
     connection: str = Field(min_length=1)
     listen: Listen = Field(default_factory=Listen)
@@ -211,6 +242,7 @@ class ProxyConfig(Model):
     metrics: Metrics = Field(default_factory=Metrics)
     limits: Limits = Field(default_factory=Limits)
     logging: Logging = Field(default_factory=Logging)
+    peers: Peers = Field(default_factory=Peers)
 
     @model_validator(mode="after")
     def _unique_policy_names(self) -> ProxyConfig:

@@ -18,7 +18,7 @@ from pgwarden.api.config import ConfigError, ProxyConfig, load_config
 log = logging.getLogger("pgwarden.reload")
 
 # Fields a running proxy can take over; the others name sockets or processes it already has.
-LIVE_FIELDS = ("policies", "approvals", "upstream", "limits", "masking")
+LIVE_FIELDS = ("policies", "approvals", "upstream", "limits", "masking", "peers")
 
 
 def restart_fields(old: ProxyConfig, new: ProxyConfig) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pgwarden.api.config import NamedPolicy, ProxyConfig
 from pgwarden.api.policy import MaskStrategy
-from pgwarden_proxy import upstream
+from pgwarden_proxy import peers, upstream
 from pgwarden_proxy.approvals.backend import ApprovalBackend, ApprovalError
 from pgwarden_proxy.approvals.files import FileApprovals
 from pgwarden_proxy.approvals.kubernetes import KubernetesApprovals
@@ -197,9 +197,16 @@ class ProxyServer:
         if self.sessions.get(session.key[0]) is session:
             del self.sessions[session.key[0]]
 
-    async def cancel(self, pid: int, secret: int) -> None:
-        """Forward a cancel only when both halves of the key match one of our sessions."""
+    async def cancel(self, pid: int, secret: int, *, from_peer: bool = False) -> None:
+        """Forward a cancel only when both halves of the key match one of our sessions; a key
+        we do not know may belong to another replica (passed on once, see peers.py)."""
         session = self.sessions.get(pid)
+        if session is None and not from_peer and self.config.peers.configured:
+            took = await peers.pass_on_cancel(
+                self.config.peers, self.config.listen.port, pid, secret
+            )
+            log.info("cancel request passed on to the other replicas", extra={"peers": took})
+            return
         if session is None or not hmac.compare_digest(
             session.key[1].to_bytes(4, "big"), (secret & 0xFFFFFFFF).to_bytes(4, "big")
         ):

@@ -256,8 +256,9 @@ class Session:
                 await self._answer_ssl_request()
             elif code == m.GSSENC_REQUEST_CODE:
                 c.write(b"N")  # no GSSAPI encryption: the client falls back to TLS or plain
-            elif code == m.CANCEL_REQUEST_CODE:
-                await self.server.cancel(r.int32(), r.int32())
+            elif code in (m.CANCEL_REQUEST_CODE, m.PEER_CANCEL_REQUEST_CODE):
+                from_peer = code == m.PEER_CANCEL_REQUEST_CODE
+                await self.server.cancel(r.int32(), r.int32(), from_peer=from_peer)
                 raise _Quiet()
             elif code >> 16 == 3:
                 break

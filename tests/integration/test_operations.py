@@ -52,6 +52,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
                 "policies": [
                     {"name": "p", "spec": {"access": "everything", "guardrails": {"maxRows": 0}}}
                 ],
+                "peers": {"addresses": ["10.0.0.5"]},
             }
         )
     )
@@ -62,6 +63,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     assert "upstream.sslmode" in out.stderr
     assert "policies.0.spec.access" in out.stderr
     assert "policies.0.spec.guardrails.maxRows" in out.stderr
+    assert "peers.addresses" in out.stderr and "not host:port" in out.stderr
     cfg.write_text("connection: [unclosed")
     out = subprocess.run(
         [*PGWARDEN, "proxy", "--config", str(cfg)], capture_output=True, text=True, timeout=30

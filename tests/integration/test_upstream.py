@@ -206,3 +206,68 @@ def test_cancel_reaches_the_right_backend_only(make_proxy: MakeProxy) -> None:
     # the client was given the proxy's key, never the database's
     up = next(s.upstream for s in [session] if s.upstream is not None)
     assert (up.backend_pid, up.backend_secret) != session.key
+
+
+def _long_query(conn: psycopg.Connection) -> tuple[threading.Thread, list[BaseException | None]]:
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            conn.execute("SELECT pg_sleep(20)")
+            result.append(None)
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.5)
+    return t, result
+
+
+@pytest.mark.parametrize("by", ["addresses", "dns"])
+def test_cancel_reaches_a_session_on_another_replica(make_proxy: MakeProxy, by: str) -> None:
+    """Behind a Service, the cancel's new connection may land on another replica: it passes
+    the request on to its peers, and the one holding the session cancels."""
+    holder = make_proxy()
+    peers = (
+        {"addresses": [f"127.0.0.1:{holder.port}"]}
+        if by == "addresses"
+        else {"dns": "localhost", "port": holder.port}
+    )
+    other = make_proxy(peers=peers)
+    with psycopg.connect(holder.dsn()) as victim:
+        key = next(
+            s.key
+            for s in holder.thread.server.sessions.values()
+            if s.key[0] == victim.info.backend_pid
+        )
+        t, result = _long_query(victim)
+        # a wrong secret passed on cancels nothing
+        forged = RawClient(other.port)
+        forged.send(m.cancel_request(key[0], (key[1] + 1) % (1 << 31)))
+        assert forged.closed()
+        time.sleep(0.5)
+        assert t.is_alive(), "a forged key passed on cancelled the query"
+        # the right key, sent to the replica that does not hold the session
+        RawClient(other.port).send(m.cancel_request(*key))
+        t.join(10)
+        assert isinstance(result[0], psycopg.errors.QueryCanceled)
+
+
+def test_a_cancel_from_a_peer_is_not_passed_on_again(make_proxy: MakeProxy) -> None:
+    a = make_proxy()
+    b = make_proxy(peers={"addresses": [f"127.0.0.1:{a.port}"]})
+    with psycopg.connect(a.dsn()) as victim:
+        key = next(
+            s.key for s in a.thread.server.sessions.values() if s.key[0] == victim.info.backend_pid
+        )
+        t, result = _long_query(victim)
+        # as if another replica passed it on: b does not hold the session and stops there
+        hop = RawClient(b.port)
+        hop.send(m.cancel_request(*key, code=m.PEER_CANCEL_REQUEST_CODE))
+        assert hop.closed()
+        time.sleep(0.5)
+        assert t.is_alive()
+        victim.cancel_safe(timeout=10)
+        t.join(10)
+        assert isinstance(result[0], psycopg.errors.QueryCanceled)

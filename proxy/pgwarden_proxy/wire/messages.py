@@ -14,6 +14,9 @@ PROTOCOL_3_0 = 3 << 16
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
+# pgwarden's own: a cancel request one replica passes on to the others (never passed on again);
+# the key still has to match, so it grants nothing a CancelRequest does not
+PEER_CANCEL_REQUEST_CODE = (1234 << 16) | 5699
 
 # Untyped startup packets longer than this are refused, like PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
 MAX_STARTUP_PACKET = 10_000
@@ -113,8 +116,8 @@ def ssl_request() -> bytes:
     return _I32.pack(8) + _I32.pack(SSL_REQUEST_CODE)
 
 
-def cancel_request(pid: int, secret: int) -> bytes:
-    return _I32.pack(16) + _I32.pack(CANCEL_REQUEST_CODE) + _I32.pack(pid) + _I32.pack(secret)
+def cancel_request(pid: int, secret: int, code: int = CANCEL_REQUEST_CODE) -> bytes:
+    return _I32.pack(16) + _I32.pack(code) + _I32.pack(pid) + _I32.pack(secret)
 
 
 def password_message(payload: bytes) -> bytes:
