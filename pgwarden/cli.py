@@ -588,7 +588,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     from pgwarden.recording.store import StoreError, open_store
     from pgwarden.recording.verify import load_public_key
 
-    me = f"pgwarden sessions {args.action}"
+    me = f"{args.sessions_prog} {args.action}"
     url = args.store or os.environ.get(STORE_ENV)
     if not url:
         print(
@@ -644,7 +644,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     logs.configure("info")
     from pgwarden_operator.main import run
 
-    return run(args.namespace, args.all_namespaces)
+    return run(args.namespace or [], args.all_namespaces, args.liveness)
 
 
 def _not_yet(name: str, issue: str) -> int:
@@ -663,8 +663,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the Kubernetes operator")
     scope = op.add_mutually_exclusive_group()
-    scope.add_argument("--namespace")
+    scope.add_argument(
+        "--namespace",
+        action="append",
+        metavar="NS",
+        help="watch this namespace (repeat for several; default: the pod's own)",
+    )
     scope.add_argument("--all-namespaces", action="store_true")
+    op.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
+    )
     op.set_defaults(func=_cmd_operator)
 
     crds = sub.add_parser("crds", help="write the CRD YAML generated from the models")
@@ -676,6 +686,42 @@ def build_parser() -> argparse.ArgumentParser:
     sessions = sub.add_parser(
         "sessions", help="list, show, replay, verify or export recorded sessions"
     )
+    add_sessions_commands(sessions)
+
+    approvals = sub.add_parser(
+        "approvals", help="list, show, approve or deny statements held for a person (file backend)"
+    )
+    actions = approvals.add_subparsers(dest="action", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--dir", help=f"the approvals directory (default: ${APPROVALS_DIR_ENV})")
+    ls = actions.add_parser("list", parents=[where], help="pending requests, oldest first")
+    ls.add_argument("--all", action="store_true", help="also decided and expired requests")
+    ls.add_argument("--json", action="store_true", help="the requests as JSON")
+    show = actions.add_parser(
+        "show", parents=[where], help="one request in full: statement and parameters"
+    )
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="the request as JSON")
+    for verb in ("approve", "deny"):
+        decide = actions.add_parser(verb, parents=[where], help=f"{verb} a pending request")
+        decide.add_argument("name")
+        decide.add_argument("--by", help="who decides (default: your OS user name)")
+        decide.add_argument("--comment", help="a note kept with the decision")
+    approvals.set_defaults(func=_cmd_approvals)
+
+    demo = sub.add_parser("demo", help="everything on one machine: database, issuer, proxy")
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="after the scripted session, keep the proxy up for your own psql",
+    )
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def add_sessions_commands(sessions: argparse.ArgumentParser) -> None:
+    """The `sessions` actions and their options under `sessions`; `pgwarden sessions` and
+    `kubectl pgwarden sessions` share this one definition (messages name `sessions.prog`)."""
     sactions = sessions.add_subparsers(dest="action", required=True)
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument(
@@ -736,37 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     sexport.add_argument("id", help="session id")
     sexport.add_argument("--format", choices=["html"], default="html")
     sexport.add_argument("--out", help="file to write (default: standard output)")
-    sessions.set_defaults(func=_cmd_sessions)
-
-    approvals = sub.add_parser(
-        "approvals", help="list, show, approve or deny statements held for a person (file backend)"
-    )
-    actions = approvals.add_subparsers(dest="action", required=True)
-    where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--dir", help=f"the approvals directory (default: ${APPROVALS_DIR_ENV})")
-    ls = actions.add_parser("list", parents=[where], help="pending requests, oldest first")
-    ls.add_argument("--all", action="store_true", help="also decided and expired requests")
-    ls.add_argument("--json", action="store_true", help="the requests as JSON")
-    show = actions.add_parser(
-        "show", parents=[where], help="one request in full: statement and parameters"
-    )
-    show.add_argument("name")
-    show.add_argument("--json", action="store_true", help="the request as JSON")
-    for verb in ("approve", "deny"):
-        decide = actions.add_parser(verb, parents=[where], help=f"{verb} a pending request")
-        decide.add_argument("name")
-        decide.add_argument("--by", help="who decides (default: your OS user name)")
-        decide.add_argument("--comment", help="a note kept with the decision")
-    approvals.set_defaults(func=_cmd_approvals)
-
-    demo = sub.add_parser("demo", help="everything on one machine: database, issuer, proxy")
-    demo.add_argument(
-        "--keep-running",
-        action="store_true",
-        help="after the scripted session, keep the proxy up for your own psql",
-    )
-    demo.set_defaults(func=_cmd_demo)
-    return p
+    sessions.set_defaults(func=_cmd_sessions, sessions_prog=sessions.prog)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,10 @@ CRDs have a status subresource. `ApiServer` therefore serves the three writes it
   events after it (kmock: "..." and every object replayed as ADDED, with the writes between
   the replay and its subscription lost); a watch without one starts with every object as
   ADDED, as on an API server.
+- SelfSubjectReview (POST /apis/authentication.k8s.io/v1/selfsubjectreviews, "who am I",
+  Kubernetes >= 1.28): answers `ApiServer.user_info` (a test sets the user it is; the API
+  server does not authenticate here, whatever credentials the client sends), nothing stored;
+  `user_info = None` answers 404, as an API server without that API.
 
 Not emulated (the operator does not rely on them): labelSelector and fieldSelector (lists are
 unfiltered), PUT, server-side apply, 410 Gone for an expired resourceVersion, bookmarks,
@@ -54,9 +58,11 @@ import kmock
 import kopf
 import yaml
 
+from pgwarden_operator.config import OperatorDefaults
 from pgwarden_operator.handlers import Operator, make_registry
 
 CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
+SELF_SUBJECT_REVIEWS = kmock.resource("authentication.k8s.io/v1/selfsubjectreviews")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -91,8 +97,14 @@ class ApiServer(kmock.KubernetesEmulator):
     _resource_version: int = attrs.field(default=0, init=False)
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _event_log: list[tuple[int, Any, dict[str, Any]]] = attrs.field(factory=list, init=False)
+    # status.userInfo of a SelfSubjectReview: who the caller is (None: the API is absent)
+    user_info: dict[str, Any] | None = attrs.field(
+        factory=lambda: {"username": "kubernetes-admin", "groups": ["system:authenticated"]}
+    )
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if request.resource == SELF_SUBJECT_REVIEWS and request.action == kmock.action.CREATE:
+            return self._self_subject_review(request)
         writes = {kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE}
         if request.resource is None or request.action not in writes:
             return await super()._handle(request)  # discovery, list, get, watch: kmock's own
@@ -152,6 +164,18 @@ class ApiServer(kmock.KubernetesEmulator):
     def _in_namespace(request: kmock.Request, event: Mapping[str, Any]) -> bool:
         ns = event.get("object", {}).get("metadata", {}).get("namespace")
         return request.namespace in (None, ns)
+
+    def _self_subject_review(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if self.user_info is None:
+            raise kmock.KubernetesResourceNotFoundError()
+        review = dict(request.data) if isinstance(request.data, Mapping) else {}
+        review.update(
+            apiVersion="authentication.k8s.io/v1",
+            kind="SelfSubjectReview",
+            metadata={"creationTimestamp": None},
+            status={"userInfo": copy.deepcopy(self.user_info)},
+        )
+        return aiohttp.web.json_response(review, status=201)
 
     # ------------------------------------------------------------------------------ helpers
     def _next_version(self) -> str:
@@ -320,12 +344,20 @@ class OperatorThread:
     """The real operator: `kopf.operator()` with pgwarden's registry, watching one namespace, in
     a thread with its own event loop (the tests and bench/operator.py run it this way)."""
 
-    def __init__(self, server: str, namespace: str, image: str, timeout: float = 15) -> None:
+    def __init__(
+        self,
+        server: str,
+        namespace: str,
+        image: str,
+        timeout: float = 15,
+        defaults: OperatorDefaults | None = None,
+    ) -> None:
         self.server = server
         self.namespace = namespace
         self.image = image
         self.timeout = timeout
-        self.op = Operator(server=server, image=image)
+        self.defaults = defaults or OperatorDefaults()
+        self.op = Operator(server=server, image=image, defaults=self.defaults)
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None
@@ -333,7 +365,7 @@ class OperatorThread:
 
     def again(self) -> OperatorThread:
         """A new operator for the same API (a restart)."""
-        return OperatorThread(self.server, self.namespace, self.image, self.timeout)
+        return OperatorThread(self.server, self.namespace, self.image, self.timeout, self.defaults)
 
     def _run(self) -> None:
         settings = kopf.OperatorSettings()

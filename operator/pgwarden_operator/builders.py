@@ -1,6 +1,6 @@
-"""Pure builders: a DatabaseConnection (and the AccessPolicies that select it) in, the desired
-Kubernetes manifests out, as plain dicts. No I/O and no kopf here: the handlers read the cluster,
-call `desired(...)` and apply what it returns.
+"""Pure builders: a DatabaseConnection (and the AccessPolicies that select it, and the operator's
+defaults for what it leaves out) in, the desired Kubernetes manifests out, as plain dicts. No I/O
+and no kopf here: the handlers read the cluster, call `desired(...)` and apply what it returns.
 
 Per connection `<conn>` (all in the connection's namespace, all owned by it so that deleting the
 DatabaseConnection deletes them):
@@ -9,6 +9,8 @@ DatabaseConnection deletes them):
   `pgwarden.api.config.ProxyConfig`) with every AccessPolicy that selects the connection;
 - Deployment `<conn>-proxy`: `pgwarden proxy --config /etc/pgwarden/bundle/proxy.yaml`;
 - Service `<conn>-proxy`, PodDisruptionBudget `<conn>-proxy`;
+- Service `<conn>-peers` (headless): every replica's address, so that a cancel request that
+  lands on another replica than its session's is passed on (the bundle's `peers.dns`);
 - NetworkPolicy `<conn>-database`, only with `inCluster` and a `databaseSelector`.
 
 The database credential never enters a manifest: the Secret named by `credentialsSecretRef`
@@ -38,10 +40,13 @@ import yaml
 
 from pgwarden.api.config import (
     Approvals,
+    Auth,
     Limits,
     Listen,
+    MaskingKeys,
     Metrics,
     NamedPolicy,
+    Peers,
     ProxyConfig,
     Recording,
     SslMode,
@@ -49,7 +54,12 @@ from pgwarden.api.config import (
     Upstream,
 )
 from pgwarden.api.policy import AccessPolicySpec
-from pgwarden.api.resources import API_VERSION, DATABASE_CONNECTION, DatabaseConnectionSpec
+from pgwarden.api.resources import (
+    API_VERSION,
+    DATABASE_CONNECTION,
+    DatabaseConnectionSpec,
+)
+from pgwarden_operator.config import OperatorDefaults
 
 Manifest = dict[str, Any]
 
@@ -70,6 +80,9 @@ PASSWORD_FILE = DB_DIR / "password"
 DB_CA_DIR = Path("/etc/pgwarden/db-ca")  # upstream CA Secret: key ca.crt
 CA_FILE = DB_CA_DIR / "ca.crt"
 TLS_DIR = Path("/etc/pgwarden/tls")  # kubernetes.io/tls Secret: tls.crt, tls.key
+HASH_KEY_FILE = Path("/etc/pgwarden/masking/hash.key")  # masking.hashKeySecretRef
+SIGNING_KEY_FILE = Path("/etc/pgwarden/signing/signing.key")  # recording.signingKeySecretRef
+S3_CREDENTIALS_FILE = Path("/etc/pgwarden/s3/credentials")  # recording.s3CredentialsSecretRef
 SPOOL_DIR = Recording().spool_dir  # /var/lib/pgwarden/spool, an emptyDir
 
 # Bundle fields a running proxy applies live (a subset of pgwarden_proxy.reload.LIVE_FIELDS;
@@ -91,6 +104,11 @@ class InvalidSpec(ValueError):
 def proxy_name(conn_name: str) -> str:
     """ConfigMap, Deployment, Service, PDB and ServiceAccount of the connection's proxy."""
     return f"{conn_name}-proxy"
+
+
+def peers_name(conn_name: str) -> str:
+    """The headless Service of the proxy's replicas."""
+    return f"{conn_name}-peers"
 
 
 def network_policy_name(conn_name: str) -> str:
@@ -146,16 +164,49 @@ def _metadata(name: str, namespace: str, conn_name: str, uid: str) -> Manifest:
     }
 
 
+# ---------------------------------------------------------------------------------- defaults
+def effective_auth(spec: DatabaseConnectionSpec, defaults: OperatorDefaults | None) -> Auth:
+    """spec.auth, else the operator's default issuer; neither: InvalidSpec."""
+    if spec.auth is not None:
+        return spec.auth
+    if defaults is not None and defaults.oidc is not None:
+        return Auth(oidc=defaults.oidc)
+    raise InvalidSpec(
+        "spec.auth: no OIDC issuer for this connection: set spec.auth.oidc, or give the "
+        "operator a default issuer (the Helm chart's defaults.oidc)"
+    )
+
+
+def with_defaults(
+    spec: DatabaseConnectionSpec, defaults: OperatorDefaults | None
+) -> DatabaseConnectionSpec:
+    """`spec` with what it leaves out (auth, recording.sink) taken from the operator's
+    defaults, each as a whole (config.py says why). Idempotent. Raises InvalidSpec."""
+    sink = spec.recording.sink
+    if sink is None and defaults is not None:
+        sink = defaults.recording.sink
+    return spec.model_copy(
+        update={
+            "auth": effective_auth(spec, defaults),
+            "recording": spec.recording.model_copy(update={"sink": sink}),
+        }
+    )
+
+
 # ---------------------------------------------------------------------------------- bundle
 def bundle(
     conn: DatabaseConnectionSpec,
     name: str,
     namespace: str,
     policies: list[tuple[str, AccessPolicySpec]],
+    *,
+    defaults: OperatorDefaults | None = None,
 ) -> ProxyConfig:
     """The proxy's config file for connection `name`, with the policies (name, spec) among
     `policies` that select it, sorted by name so that the rendering does not depend on the
-    order the cluster listed them in. Raises InvalidSpec for a spec that cannot work."""
+    order the cluster listed them in; `defaults` fill what the spec leaves out. Raises
+    InvalidSpec for a spec that cannot work."""
+    conn = with_defaults(conn, defaults)
     tls = conn.tls
     if tls.sslmode in (SslMode.VERIFY_CA, SslMode.VERIFY_FULL) and tls.ca_secret_ref is None:
         raise InvalidSpec(
@@ -185,11 +236,19 @@ def bundle(
             sslmode=tls.sslmode,
             ca_file=CA_FILE if tls.ca_secret_ref is not None else None,
         ),
-        auth=conn.auth,
+        auth=effective_auth(conn, None),  # with_defaults filled it in
         policies=[NamedPolicy(name=n, spec=p) for n, p in selected],
-        recording=Recording(spool_dir=SPOOL_DIR, sink=conn.recording.sink),
+        recording=Recording(
+            spool_dir=SPOOL_DIR,
+            sink=conn.recording.sink,
+            signing_key_file=SIGNING_KEY_FILE if conn.recording.signing_key_secret_ref else None,
+        ),
         approvals=Approvals(backend="kubernetes", namespace=namespace),
+        masking=MaskingKeys(
+            hash_key_file=HASH_KEY_FILE if conn.masking.hash_key_secret_ref else None
+        ),
         metrics=Metrics(host="0.0.0.0", port=METRICS_PORT),
+        peers=Peers(dns=f"{peers_name(name)}.{namespace}.svc"),
     )
 
 
@@ -210,7 +269,14 @@ def render_bundle(config: ProxyConfig) -> str:
     return head + body
 
 
-def spec_hash(conn: DatabaseConnectionSpec, name: str, namespace: str, image: str) -> str:
+def spec_hash(
+    conn: DatabaseConnectionSpec,
+    name: str,
+    namespace: str,
+    image: str,
+    *,
+    defaults: OperatorDefaults | None = None,
+) -> str:
     """A digest of what needs a new pod to take effect (the `pgwarden.io/spec-hash` annotation
     of the pod template, and `status.specHash`).
 
@@ -219,17 +285,16 @@ def spec_hash(conn: DatabaseConnectionSpec, name: str, namespace: str, image: st
     resources and the names of the mounted Secrets. Not inputs: the AccessPolicies, approvals,
     limits and masking (the proxy reloads them live from the mounted ConfigMap, keeping its
     sessions), and `replicas` (scaling adds or removes pods; restarting the others would only
-    cut their sessions). It takes no policies, so no policy can change it.
+    cut their sessions). It takes no policies, so no policy can change it. `defaults` as in
+    `bundle`: the effective issuer and sink are inputs, so a new default rolls the pods.
     """
-    config = bundle(conn, name, namespace, [])
+    config = bundle(conn, name, namespace, [], defaults=defaults)
     proxy = conn.proxy
     inputs = {
         "bundle": config.model_dump(mode="json", by_alias=True, exclude=set(LIVE_BUNDLE_FIELDS)),
         "image": image,
         "resources": proxy.resources.model_dump(mode="json", by_alias=True),
-        "credentialsSecret": conn.credentials_secret_ref.name,
-        "caSecret": conn.tls.ca_secret_ref.name if conn.tls.ca_secret_ref else None,
-        "tlsSecret": proxy.tls_secret_ref.name if proxy.tls_secret_ref else None,
+        "secrets": {volume: secret for volume, secret, *_ in mounted_secrets(conn)},
     }
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -256,6 +321,32 @@ def _secret_volume(name: str, secret: str, keys: list[str], mode: int) -> Manife
     }
 
 
+def mounted_secrets(spec: DatabaseConnectionSpec) -> list[tuple[str, str, list[str], int, Path]]:
+    """(volume, Secret, keys, file mode, directory) of every Secret the proxy pods mount:
+    private keys 0400, certificates 0444 (the pod's fsGroup makes them group-readable)."""
+    refs = [
+        ("db-credentials", spec.credentials_secret_ref, ["username", "password"], 0o400, DB_DIR),
+        ("db-ca", spec.tls.ca_secret_ref, ["ca.crt"], 0o444, DB_CA_DIR),
+        ("tls", spec.proxy.tls_secret_ref, ["tls.crt", "tls.key"], 0o400, TLS_DIR),
+        ("hash-key", spec.masking.hash_key_secret_ref, ["hash.key"], 0o400, HASH_KEY_FILE.parent),
+        (
+            "signing-key",
+            spec.recording.signing_key_secret_ref,
+            ["signing.key"],
+            0o400,
+            SIGNING_KEY_FILE.parent,
+        ),
+        (
+            "s3-credentials",
+            spec.recording.s3_credentials_secret_ref,
+            ["credentials"],
+            0o400,
+            S3_CREDENTIALS_FILE.parent,
+        ),
+    ]
+    return [(v, ref.name, keys, mode, d) for v, ref, keys, mode, d in refs if ref is not None]
+
+
 def deployment(
     conn_name: str, namespace: str, uid: str, spec: DatabaseConnectionSpec, image: str
 ) -> Manifest:
@@ -269,22 +360,13 @@ def deployment(
             "name": "bundle",
             "configMap": {"name": proxy_name(conn_name), "defaultMode": 0o444},
         },
-        _secret_volume(
-            "db-credentials", spec.credentials_secret_ref.name, ["username", "password"], 0o400
-        ),
     ]
     mounts: list[Manifest] = [
         {"name": "bundle", "mountPath": str(BUNDLE_DIR), "readOnly": True},
-        {"name": "db-credentials", "mountPath": str(DB_DIR), "readOnly": True},
     ]
-    if spec.tls.ca_secret_ref is not None:
-        volumes.append(_secret_volume("db-ca", spec.tls.ca_secret_ref.name, ["ca.crt"], 0o444))
-        mounts.append({"name": "db-ca", "mountPath": str(DB_CA_DIR), "readOnly": True})
-    if proxy.tls_secret_ref is not None:
-        volumes.append(
-            _secret_volume("tls", proxy.tls_secret_ref.name, ["tls.crt", "tls.key"], 0o400)
-        )
-        mounts.append({"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True})
+    for volume, secret, keys, mode, directory in mounted_secrets(spec):
+        volumes.append(_secret_volume(volume, secret, keys, mode))
+        mounts.append({"name": volume, "mountPath": str(directory), "readOnly": True})
     # The spool holds recordings until they are shipped; beyond maxSpoolBytes the proxy refuses
     # new statements, so the emptyDir limit sits above it and never evicts the pod first.
     spool_limit = Recording().max_spool_bytes * 3 // 2 // 2**20
@@ -299,8 +381,9 @@ def deployment(
     resources = {
         k: v for k, v in proxy.resources.model_dump(mode="json", by_alias=True).items() if v
     }
-    # the proxy drains sessions for limits.shutdownGrace after SIGTERM; leave it that long
-    grace = int(Limits().shutdown_grace.total_seconds()) + 10
+    # after SIGTERM the proxy drains sessions for limits.shutdownGrace, then seals the spool
+    # and ships what S3 accepts: leave it time for both before the kubelet kills it
+    grace = int(Limits().shutdown_grace.total_seconds()) + 30
     container: Manifest = {
         "name": "proxy",
         "image": image,
@@ -324,6 +407,12 @@ def deployment(
             "failureThreshold": 2,
         },
         "resources": resources,
+        # a path, not a credential: boto3 reads the mounted file
+        **(
+            {"env": [{"name": "AWS_SHARED_CREDENTIALS_FILE", "value": str(S3_CREDENTIALS_FILE)}]}
+            if spec.recording.s3_credentials_secret_ref is not None
+            else {}
+        ),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": PROXY_UID,
@@ -401,6 +490,29 @@ def service(conn_name: str, namespace: str, uid: str, spec: DatabaseConnectionSp
     }
 
 
+def peers_service(conn_name: str, namespace: str, uid: str) -> Manifest:
+    """Headless: its name resolves to every proxy pod, ready or not (a draining replica still
+    holds sessions that a cancel request may name)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(peers_name(conn_name), namespace, conn_name, uid),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(conn_name),
+            "ports": [
+                {
+                    "name": "postgres",
+                    "port": POSTGRES_PORT,
+                    "targetPort": "postgres",
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
 def pod_disruption_budget(
     conn_name: str, namespace: str, uid: str, spec: DatabaseConnectionSpec
 ) -> Manifest:
@@ -450,15 +562,20 @@ def desired(
     spec: DatabaseConnectionSpec,
     policies: list[tuple[str, AccessPolicySpec]],
     image: str,
+    *,
+    defaults: OperatorDefaults | None = None,
 ) -> list[Manifest]:
     """Every object the connection should have; `image` is the operator's own image, used
-    when spec.proxy.image is not set. Raises InvalidSpec (see `bundle`, `check_name`)."""
+    when spec.proxy.image is not set; `defaults` (the operator's) fill what the spec leaves
+    out. Raises InvalidSpec (see `bundle`, `check_name`, `effective_auth`)."""
     check_name(conn_name)
+    spec = with_defaults(spec, defaults)
     effective_image = spec.proxy.image or image
     objects = [
         config_map(conn_name, namespace, uid, bundle(spec, conn_name, namespace, policies)),
         deployment(conn_name, namespace, uid, spec, effective_image),
         service(conn_name, namespace, uid, spec),
+        peers_service(conn_name, namespace, uid),
         pod_disruption_budget(conn_name, namespace, uid, spec),
     ]
     netpol = network_policy(conn_name, namespace, uid, spec)

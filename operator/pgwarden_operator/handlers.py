@@ -51,7 +51,7 @@ from pgwarden.api.resources import (
     VERSION,
     DatabaseConnectionSpec,
 )
-from pgwarden_operator import approvals, builders, rbac
+from pgwarden_operator import approvals, builders, config, rbac
 from pgwarden_operator.coalesce import Coalescer
 from pgwarden_operator.k8s import Api, Obj, is_subset
 
@@ -205,10 +205,13 @@ class Operator:
         image: str | None = None,
         server: str | None = None,
         token: str | None = None,
+        defaults: config.OperatorDefaults | None = None,
     ) -> None:
         """`server` (and `token`): talk to this API server instead of logging in with the
-        pod's service account or a kubeconfig (for tests)."""
+        pod's service account or a kubeconfig (for tests). `defaults`: for connections that
+        leave out auth or the recording sink (else from the environment, see config.py)."""
         self.image = image or os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+        self.defaults = defaults if defaults is not None else config.load_defaults()
         self._server = server
         self._token = token
         self._info: kopf.ConnectionInfo | None = None
@@ -307,7 +310,10 @@ class Operator:
             # the proxy's identity and its right to ApprovalRequests first: the Deployment
             # names the ServiceAccount
             manifests = rbac.proxy_rbac(name, namespace, uid) + builders.desired(
-                name, namespace, uid, spec, policies, self.image
+                name, namespace, uid, spec, policies, self.image, defaults=self.defaults
+            )
+            digest = builders.spec_hash(
+                spec, name, namespace, spec.proxy.image or self.image, defaults=self.defaults
             )
         except (ValidationError, builders.InvalidSpec) as e:
             message = validation_message(e) if isinstance(e, ValidationError) else str(e)
@@ -333,7 +339,6 @@ class Operator:
             await self._write_status(api, CONNECTIONS, conn, status)
             return
 
-        digest = builders.spec_hash(spec, name, namespace, spec.proxy.image or self.image)
         # a policy change touches only the bundle, unless this generation was never applied
         if not full and not _applied(conn, digest):
             full = True
@@ -527,12 +532,14 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
         if type != "DELETED":
             return
         namespace, name = _where(body)
-        listing = [
+        # by spec too: the status that lists it may not have reached the index yet
+        concerned = [
             p.name
             for p in op.policies(namespace)
-            if name in ((p.raw.get("status") or {}).get("connections") or [])
+            if (p.spec is not None and p.spec.selects(name))
+            or name in ((p.raw.get("status") or {}).get("connections") or [])
         ]
-        await op.refresh_policy_statuses(namespace, listing)
+        await op.refresh_policy_statuses(namespace, concerned)
 
     @kopf.on.event(
         "apps",

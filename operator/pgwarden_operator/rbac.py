@@ -8,9 +8,13 @@ Per connection `<conn>` (in its namespace, owned by the DatabaseConnection like 
 - Role and RoleBinding `<conn>-proxy`: what the proxy does with approval requests, and nothing
   else (create a request, read it back while waiting, write Expired / Executed to its status).
 
-Cluster-wide, installed once with the operator (the chart renders them):
+Installed once with the operator (the chart renders them from these functions):
 
-- `operator_cluster_role()`: what the operator itself needs;
+- `operator_rules()`: what the operator itself needs in a namespace it watches, and
+  `operator_cluster_scoped_rules()`: kopf's cluster-wide reads (CRDs, namespaces). Watching the
+  whole cluster, both go into one ClusterRole (`operator_cluster_role()`); watching some
+  namespaces, the chart puts the first into a Role in each of them and the second into a
+  ClusterRole of its own;
 - `approver_cluster_role()`: for the people who decide; bind it with a RoleBinding in the
   namespaces where they may approve (a ClusterRole so that it is written once, a RoleBinding so
   that approving stays per namespace).
@@ -59,7 +63,8 @@ def _cluster_metadata(name: str, component: str) -> Manifest:
 
 
 def _rule(group: str, resources: list[str], verbs: list[str]) -> Manifest:
-    return {"apiGroups": [group], "resources": resources, "verbs": verbs}
+    # copies: rules that share a verb list stay independent (and YAML gets no anchors)
+    return {"apiGroups": [group], "resources": list(resources), "verbs": list(verbs)}
 
 
 # ---------------------------------------------------------------------------------- per proxy
@@ -112,59 +117,71 @@ def proxy_rbac(conn_name: str, namespace: str, uid: str) -> list[Manifest]:
     ]
 
 
-# ---------------------------------------------------------------------------------- cluster
+# ---------------------------------------------------------------------------------- operator
+def operator_rules() -> list[Manifest]:
+    """What the operator does in a namespace it watches (namespaced resources only)."""
+    return [
+        # its own resources: kopf watches them and keeps its progress and finalizer on
+        # the object (a merge patch of metadata); the operator never creates or deletes
+        # what users declare
+        _rule(
+            GROUP,
+            [DATABASE_CONNECTION.plural, ACCESS_POLICY.plural],
+            ["get", "list", "watch", "patch"],
+        ),
+        # Ready/Valid conditions go through the status subresource
+        _rule(
+            GROUP,
+            [f"{DATABASE_CONNECTION.plural}/status", f"{ACCESS_POLICY.plural}/status"],
+            ["get", "patch"],
+        ),
+        # owned objects carry blockOwnerDeletion: with the OwnerReferencesPermission-
+        # Enforcement admission plugin that needs update on the owner's finalizers
+        _rule(GROUP, [f"{DATABASE_CONNECTION.plural}/finalizers"], ["update"]),
+        # approval requests: read (and kopf's annotations), plus exactly what the proxy
+        # Role grants. Kubernetes only lets the operator create a Role that grants what
+        # the operator holds itself (RBAC escalation prevention); the alternative, the
+        # `escalate` and `bind` verbs, would let it grant anything. Delete: decided
+        # requests go after the retention period (approvals.py); the only delete it holds.
+        _rule(GROUP, [_APPROVALS], ["get", "list", "watch", "create", "patch", "delete"]),
+        _rule(GROUP, [_APPROVALS_STATUS], ["get", "patch"]),
+        # the proxy bundle (ConfigMap), its Service and ServiceAccount
+        _rule("", ["configmaps", "services", "serviceaccounts"], _MANAGE),
+        # the proxy pods
+        _rule("apps", ["deployments"], _MANAGE),
+        _rule("policy", ["poddisruptionbudgets"], _MANAGE),
+        # egress of the proxy to an in-cluster database
+        _rule("networking.k8s.io", ["networkpolicies"], _MANAGE),
+        # the proxy's Role and RoleBinding (above: it can only grant what it holds)
+        _rule(RBAC_GROUP, ["roles", "rolebindings"], _MANAGE),
+        # kopf posts what its handlers did and why they failed as Events on the object
+        _rule("", ["events"], ["create"]),
+        # Secrets: none. The credentials Secret is only named in the pod template; the
+        # kubelet mounts it, the operator never reads a secret value.
+    ]
+
+
+def operator_cluster_scoped_rules() -> list[Manifest]:
+    """kopf notices CRDs and namespaces that come and go (read-only). Without these it works
+    from what it found at start and logs that it cannot watch them."""
+    return [
+        _rule("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"]),
+        _rule("", ["namespaces"], ["list", "watch"]),
+    ]
+
+
 def operator_cluster_role(name: str = OPERATOR_CLUSTER_ROLE) -> Manifest:
-    """What the operator needs, bound with a ClusterRoleBinding (it watches every namespace;
-    to watch only some, bind this ClusterRole with a RoleBinding in each of them)."""
+    """Everything the operator needs when it watches the whole cluster (bound with a
+    ClusterRoleBinding)."""
     return {
         "apiVersion": RBAC_API_VERSION,
         "kind": "ClusterRole",
         "metadata": _cluster_metadata(name, "operator"),
-        "rules": [
-            # its own resources: kopf watches them and keeps its progress and finalizer on
-            # the object (a merge patch of metadata); the operator never creates or deletes
-            # what users declare
-            _rule(
-                GROUP,
-                [DATABASE_CONNECTION.plural, ACCESS_POLICY.plural],
-                ["get", "list", "watch", "patch"],
-            ),
-            # Ready/Valid conditions go through the status subresource
-            _rule(
-                GROUP,
-                [f"{DATABASE_CONNECTION.plural}/status", f"{ACCESS_POLICY.plural}/status"],
-                ["get", "patch"],
-            ),
-            # owned objects carry blockOwnerDeletion: with the OwnerReferencesPermission-
-            # Enforcement admission plugin that needs update on the owner's finalizers
-            _rule(GROUP, [f"{DATABASE_CONNECTION.plural}/finalizers"], ["update"]),
-            # approval requests: read (and kopf's annotations), plus exactly what the proxy
-            # Role grants. Kubernetes only lets the operator create a Role that grants what
-            # the operator holds itself (RBAC escalation prevention); the alternative, the
-            # `escalate` and `bind` verbs, would let it grant anything. Delete: decided
-            # requests go after the retention period (approvals.py); the only delete it holds.
-            _rule(GROUP, [_APPROVALS], ["get", "list", "watch", "create", "patch", "delete"]),
-            _rule(GROUP, [_APPROVALS_STATUS], ["get", "patch"]),
-            # the proxy bundle (ConfigMap), its Service and ServiceAccount
-            _rule("", ["configmaps", "services", "serviceaccounts"], _MANAGE),
-            # the proxy pods
-            _rule("apps", ["deployments"], _MANAGE),
-            _rule("policy", ["poddisruptionbudgets"], _MANAGE),
-            # egress of the proxy to an in-cluster database
-            _rule("networking.k8s.io", ["networkpolicies"], _MANAGE),
-            # the proxy's Role and RoleBinding (above: it can only grant what it holds)
-            _rule(RBAC_GROUP, ["roles", "rolebindings"], _MANAGE),
-            # kopf posts what its handlers did and why they failed as Events on the object
-            _rule("", ["events"], ["create"]),
-            # kopf notices CRDs and namespaces that come and go (read-only)
-            _rule("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"]),
-            _rule("", ["namespaces"], ["list", "watch"]),
-            # Secrets: none. The credentials Secret is only named in the pod template; the
-            # kubelet mounts it, the operator never reads a secret value.
-        ],
+        "rules": operator_rules() + operator_cluster_scoped_rules(),
     }
 
 
+# ---------------------------------------------------------------------------------- people
 def approver_cluster_role(name: str = APPROVER_CLUSTER_ROLE) -> Manifest:
     """For people who decide: read requests, write a decision to their status; nothing else
     (they cannot create, change or delete a request, so what they approve is what was held)."""

@@ -78,6 +78,13 @@ class Oidc(Model):
     jwks_uri: str | None = Field(default=None, alias="jwksUri")
     username_claim: str = Field(default="email", alias="usernameClaim")
     groups_claim: str = Field(default="groups", alias="groupsClaim")
+    ca_file: Path | None = Field(
+        default=None,
+        alias="caFile",
+        description="CA bundle (PEM) that the issuer's TLS certificate must chain to, instead "
+        "of the system's; in a DatabaseConnection a path inside the proxy pod, e.g. "
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt for the cluster's own issuer",
+    )
     service_accounts: bool = Field(
         default=False,
         alias="serviceAccounts",

@@ -98,7 +98,34 @@ class ProxySpec(Model):
 class ConnectionRecording(Model):
     """Where the proxies of this connection ship recordings (levels are set by AccessPolicy)."""
 
-    sink: RecordingSink | None = None
+    sink: RecordingSink | None = Field(
+        default=None,
+        description="default: the operator's defaults.recording.sink (Helm value); neither: "
+        "sessions are only logged",
+    )
+    signing_key_secret_ref: SecretRef | None = Field(
+        default=None,
+        alias="signingKeySecretRef",
+        description="Secret with key signing.key: an Ed25519 private key (PEM) that signs every "
+        "session manifest, so that bucket write access cannot rewrite history unnoticed",
+    )
+    s3_credentials_secret_ref: SecretRef | None = Field(
+        default=None,
+        alias="s3CredentialsSecretRef",
+        description="Secret with key credentials: an AWS shared credentials file for the S3 "
+        "sink; without it the usual sources apply (IRSA or workload identity through the "
+        "proxy's ServiceAccount, an instance role)",
+    )
+
+
+class ConnectionMasking(Model):
+    hash_key_secret_ref: SecretRef | None = Field(
+        default=None,
+        alias="hashKeySecretRef",
+        description="Secret with key hash.key: the key of the `hash` masking strategy, shared "
+        "by every replica so that equal values hash alike in every session (without it each "
+        "proxy process draws its own)",
+    )
 
 
 class DatabaseConnectionSpec(Model):
@@ -108,8 +135,13 @@ class DatabaseConnectionSpec(Model):
     credentials_secret_ref: CredentialsSecretRef = Field(alias="credentialsSecretRef")
     tls: UpstreamTls = Field(default_factory=UpstreamTls)
     proxy: ProxySpec = Field(default_factory=ProxySpec)
-    auth: Auth
+    auth: Auth | None = Field(
+        default=None,
+        description="how clients log in; default: the operator's defaults.oidc (Helm value), "
+        "replaced as a whole when given",
+    )
     recording: ConnectionRecording = Field(default_factory=ConnectionRecording)
+    masking: ConnectionMasking = Field(default_factory=ConnectionMasking)
     in_cluster: bool = Field(
         default=False,
         alias="inCluster",

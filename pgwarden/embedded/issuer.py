@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import ssl
 import threading
 import time
 import warnings
@@ -87,9 +88,13 @@ class LocalIssuer:
     ``add_key("OKP")`` for EdDSA.
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """`tls`: a server context (certificate loaded) to serve https:// instead of http://."""
         self.host = host
         self.port = port
+        self.tls = tls
         self.issuer = ""
         self.jwks_uri = ""
         self.discovery_requests = 0
@@ -110,7 +115,10 @@ class LocalIssuer:
         server = _Server((self.host, self.port), _Handler)
         server.owner = self
         self.port = server.server_address[1]
-        self.issuer = f"http://{self.host}:{self.port}"
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
+        scheme = "https" if self.tls is not None else "http"
+        self.issuer = f"{scheme}://{self.host}:{self.port}"
         self.jwks_uri = f"{self.issuer}/jwks"
         self._server = server
         self._thread = threading.Thread(

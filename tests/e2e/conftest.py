@@ -1,4 +1,5 @@
-"""The kind-based end-to-end suite: it needs a Docker engine and kind, which CI machines lack."""
+"""The kind-based end-to-end suite: it needs a Docker engine, kind, kubectl, helm and psql, which
+CI machines lack; there every test of tests/e2e is skipped, naming what is missing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import shutil
 import subprocess
 
 import pytest
+
+TOOLS = ("kind", "kubectl", "helm", "psql")
 
 
 def _docker_engine_running() -> bool:
@@ -17,17 +20,18 @@ def _docker_engine_running() -> bool:
         return False
 
 
+def missing_tools() -> list[str]:
+    missing = [] if _docker_engine_running() else ["a running Docker engine"]
+    return missing + [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    missing = []
-    if not _docker_engine_running():
-        missing.append("a running Docker engine")
-    if shutil.which("kind") is None:
-        missing.append("kind")
-    if shutil.which("kubectl") is None:
-        missing.append("kubectl")
+    e2e = [item for item in items if "tests/e2e" in str(item.fspath)]
+    if not e2e:
+        return
+    missing = missing_tools()
     if not missing:
         return
-    skip = pytest.mark.skip(reason=f"e2e suite needs {', '.join(missing)} (none on this machine)")
-    for item in items:
-        if "tests/e2e" in str(item.fspath):
-            item.add_marker(skip)
+    skip = pytest.mark.skip(reason=f"e2e suite needs {', '.join(missing)} (not on this machine)")
+    for item in e2e:
+        item.add_marker(skip)

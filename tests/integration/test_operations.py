@@ -63,7 +63,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     assert "upstream.sslmode" in out.stderr
     assert "policies.0.spec.access" in out.stderr
     assert "policies.0.spec.guardrails.maxRows" in out.stderr
-    assert "peers.addresses" in out.stderr and "not host:port" in out.stderr
+    assert "peers.addresses" in out.stderr
+    assert "not host:port" in out.stderr
     cfg.write_text("connection: [unclosed")
     out = subprocess.run(
         [*PGWARDEN, "proxy", "--config", str(cfg)], capture_output=True, text=True, timeout=30

@@ -22,6 +22,7 @@ from pgwarden.api.resources import (
     DatabaseConnectionStatus,
 )
 from pgwarden_operator import builders
+from pgwarden_operator.config import OperatorDefaults
 from pgwarden_operator.handlers import FINALIZER
 from pgwarden_operator.k8s import Api, ApiPermanentError, ApiTemporaryError
 from tests.kmockapi import ApiServer, OperatorThread, declare_crds
@@ -149,13 +150,13 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def running_cluster() -> AsyncIterator[Cluster]:
+async def running_cluster(defaults: OperatorDefaults | None = None) -> AsyncIterator[Cluster]:
     """The emulated API server with pgwarden's CRDs, a client, and the operator running."""
     async with ApiServer() as server, kmock.Server(server):
         declare_crds(server)
         url = str(server.url)
         async with Api(url) as client:
-            operator = OperatorThread(url, NS, IMAGE)
+            operator = OperatorThread(url, NS, IMAGE, defaults=defaults)
             await operator.start()
             c = Cluster(server, client, operator)
             try:
@@ -466,17 +467,60 @@ async def test_deleted_connection_leaves_the_policy_statuses(cluster: Cluster) -
         )
     await cluster.delete(CONNECTIONS, "orders")
     named = await cluster.eventually(
-        lambda: (c := cluster.condition(POLICIES, "named", "ConnectionsResolved"))
-        and c["status"] == "False"
-        and c,
+        lambda: (
+            (c := cluster.condition(POLICIES, "named", "ConnectionsResolved"))
+            and c["status"] == "False"
+            and c
+        ),
         "the named policy's status after the deletion",
     )
     assert named["reason"] == "MissingConnection"
     everyone = await cluster.eventually(
-        lambda: (c := cluster.condition(POLICIES, "everyone", "ConnectionsResolved"))
-        and c["status"] == "False"
-        and c,
+        lambda: (
+            (c := cluster.condition(POLICIES, "everyone", "ConnectionsResolved"))
+            and c["status"] == "False"
+            and c
+        ),
         "the * policy's status after the deletion",
     )
     assert everyone["reason"] == "NoConnection"
     assert cluster.status(POLICIES, "named")["connections"] == []
+
+
+async def test_a_connection_without_auth_takes_the_operators_defaults() -> None:
+    defaults = OperatorDefaults.model_validate(
+        {
+            "oidc": {"issuer": "https://default-idp.example.com", "audience": "pgwarden"},
+            "recording": {"sink": {"file": {"dir": "/var/lib/pgwarden/recordings"}}},
+        }
+    )
+    async with running_cluster(defaults) as cluster:
+        bare = connection("orders")
+        del bare["spec"]["auth"]
+        await cluster.create(bare)
+        await cluster.eventually(lambda: cluster.is_true(CONNECTIONS, "orders", "Ready"), "Ready")
+        cm = cluster.get("v1/configmaps", "orders-proxy")
+        assert cm is not None
+        config = yaml.safe_load(cm["data"][builders.BUNDLE_KEY])
+        assert config["auth"]["oidc"]["issuer"] == "https://default-idp.example.com"
+        assert config["recording"]["sink"]["file"] == {"dir": "/var/lib/pgwarden/recordings"}
+        # its own auth replaces the default as a whole
+        await cluster.create(connection("billing"))
+        await cluster.eventually(lambda: cluster.is_true(CONNECTIONS, "billing", "Ready"), "Ready")
+        billing = cluster.get("v1/configmaps", "billing-proxy")
+        assert billing is not None
+        own = yaml.safe_load(billing["data"][builders.BUNDLE_KEY])
+        assert own["auth"]["oidc"]["issuer"] == "https://idp.example.com"
+
+
+async def test_a_connection_without_auth_and_no_default_says_what_to_set(cluster: Cluster) -> None:
+    bare = connection("orders")
+    del bare["spec"]["auth"]
+    await cluster.create(bare)
+    cond = await cluster.eventually(
+        lambda: cluster.condition(CONNECTIONS, "orders", "Ready"), "a Ready condition"
+    )
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
+    assert "spec.auth.oidc" in cond["message"]
+    assert "defaults.oidc" in cond["message"]
+    assert cluster.get("apps/v1/deployments", "orders-proxy") is None

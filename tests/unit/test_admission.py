@@ -280,8 +280,8 @@ def test_approver_cluster_role_is_rbacs() -> None:
 
 # ------------------------------------------------------------------ chart
 def test_chart_templates_are_fresh() -> None:
-    for name, text in admission.render_templates().items():
-        path = CHART / "templates" / name
+    for name, text in admission.render_chart().items():
+        path = CHART / name
         assert path.read_text(encoding="utf-8") == text, (
             f"{path} is stale: run `python -m pgwarden_operator.admission`"
         )
@@ -310,7 +310,10 @@ def test_values_enable_four_eyes() -> None:
     assert values["fourEyes"] == {"enabled": True}
 
 
-def test_main_writes_the_templates(tmp_path: Path) -> None:
-    assert admission.main(["--templates", str(tmp_path / "t")]) == 0
-    for name, text in admission.render_templates().items():
-        assert (tmp_path / "t" / name).read_text(encoding="utf-8") == text
+def test_main_writes_the_generated_files(tmp_path: Path) -> None:
+    assert admission.main(["--chart", str(tmp_path / "c")]) == 0
+    files = admission.render_chart()
+    assert {f"templates/{n}" for n in admission.render_templates()} < files.keys()
+    assert "values.schema.json" in files
+    for name, text in files.items():
+        assert (tmp_path / "c" / name).read_text(encoding="utf-8") == text

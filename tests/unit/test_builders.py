@@ -14,6 +14,7 @@ from pgwarden.api.config import ProxyConfig, load_config
 from pgwarden.api.policy import AccessPolicySpec
 from pgwarden.api.resources import API_VERSION, DatabaseConnectionSpec
 from pgwarden_operator import builders
+from pgwarden_operator.config import OperatorDefaults
 from pgwarden_proxy.reload import LIVE_FIELDS
 
 K8S_VERSION = "1.31"
@@ -57,7 +58,11 @@ def desired(spec: DatabaseConnectionSpec | None = None, **kw: Any) -> list[dict[
 
 
 def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    kinds = {o["kind"]: o for o in objects}
+    """The objects by kind; the replicas' headless Service as "Service/peers"."""
+    kinds = {
+        "Service/peers" if o["metadata"]["name"] == builders.peers_name(NAME) else o["kind"]: o
+        for o in objects
+    }
     assert len(kinds) == len(objects)
     return kinds
 
@@ -257,7 +262,7 @@ def test_the_spec_image_wins_over_the_operators() -> None:
 # ---------------------------------------------------------------------------------- ownership
 def test_every_object_is_owned_and_labelled() -> None:
     objects = desired(VARIANTS["full"])
-    assert len(objects) == 5
+    assert len(objects) == 6
     expected_labels = {
         "app.kubernetes.io/name": "pgwarden-proxy",
         "app.kubernetes.io/instance": NAME,
@@ -333,6 +338,9 @@ def spec_hash(objects: list[dict[str, Any]]) -> str:
         {"proxy": {"resources": {"requests": {"cpu": "1"}}}},
         {"auth": {"oidc": {"issuer": "https://other.example.com"}}},
         {"recording": {"sink": {"s3": {"bucket": "audit-2"}}}},
+        {"recording": {"signingKeySecretRef": {"name": "orders-signing"}}},
+        {"recording": {"s3CredentialsSecretRef": {"name": "orders-s3"}}},
+        {"masking": {"hashKeySecretRef": {"name": "orders-hash"}}},
     ],
 )
 def test_a_change_that_needs_a_restart_changes_the_hash(change: dict[str, Any]) -> None:
@@ -397,3 +405,118 @@ def test_the_config_map_is_yaml_with_a_header() -> None:
     text = by_kind(desired())["ConfigMap"]["data"]["proxy.yaml"]
     assert text.startswith("# Rendered by pgwarden-operator")
     assert yaml.safe_load(text)["connection"] == NAME
+
+
+# ---------------------------------------------------------------------------------- defaults
+DEFAULTS = OperatorDefaults.model_validate(
+    {
+        "oidc": {"issuer": "https://default-idp.example.com", "audience": "gateway"},
+        "recording": {"sink": {"file": {"dir": "/recordings"}}},
+    }
+)
+BARE = conn(auth=None, recording={"sink": None})  # leaves both to the operator's defaults
+
+
+def test_defaults_fill_what_the_spec_leaves_out(tmp_path: Path) -> None:
+    config = loaded_bundle(desired(BARE, defaults=DEFAULTS), tmp_path)
+    assert config.auth.oidc == DEFAULTS.oidc
+    assert config.recording.sink == DEFAULTS.recording.sink
+    assert builders.with_defaults(BARE, DEFAULTS) == conn(
+        auth={"oidc": {"issuer": "https://default-idp.example.com", "audience": "gateway"}},
+        recording={"sink": {"file": {"dir": "/recordings"}}},
+    )
+
+
+def test_the_spec_replaces_a_default_as_a_whole(tmp_path: Path) -> None:
+    """No field-by-field merge: the spec's issuer does not get the default's audience."""
+    config = loaded_bundle(desired(conn(), defaults=DEFAULTS), tmp_path)
+    assert config.auth == conn().auth
+    assert config.auth.oidc.audience == "pgwarden"  # the model's default, not "gateway"
+    assert config.recording.sink == conn().recording.sink
+    assert desired(conn(), defaults=DEFAULTS) == desired(conn())
+
+
+def test_each_default_applies_on_its_own(tmp_path: Path) -> None:
+    only_auth = OperatorDefaults.model_validate({"oidc": {"issuer": "https://i.example.com"}})
+    config = loaded_bundle(desired(BARE, defaults=only_auth), tmp_path)
+    assert config.auth.oidc.issuer == "https://i.example.com"
+    assert config.recording.sink is None  # no sink anywhere: sessions are only logged
+    own_sink = conn(auth=None)
+    config = loaded_bundle(desired(own_sink, defaults=DEFAULTS), tmp_path)
+    assert config.recording.sink == conn().recording.sink
+
+
+@pytest.mark.parametrize(
+    "defaults", [None, OperatorDefaults(), OperatorDefaults.model_validate({"recording": {}})]
+)
+def test_no_issuer_anywhere_is_an_invalid_spec(defaults: OperatorDefaults | None) -> None:
+    with pytest.raises(builders.InvalidSpec) as e:
+        desired(BARE, defaults=defaults)
+    message = str(e.value)
+    assert message.startswith("spec.auth:")
+    assert "spec.auth.oidc" in message
+    assert "defaults.oidc" in message
+
+
+def test_a_new_default_rolls_the_pods_that_use_it() -> None:
+    other = OperatorDefaults.model_validate(
+        {**DEFAULTS.model_dump(mode="json"), "oidc": {"issuer": "https://new.example.com"}}
+    )
+    assert spec_hash(desired(BARE, defaults=other)) != spec_hash(desired(BARE, defaults=DEFAULTS))
+    # a connection with its own auth and sink does not use the defaults: its pods stay
+    assert spec_hash(desired(defaults=other)) == spec_hash(desired(defaults=DEFAULTS))
+    # the status's specHash (handlers) is the pod template's
+    assert builders.spec_hash(BARE, NAME, NS, IMAGE, defaults=DEFAULTS) == spec_hash(
+        desired(BARE, defaults=DEFAULTS)
+    )
+
+
+def test_defaulted_manifests_validate() -> None:
+    for obj in desired(BARE, defaults=DEFAULTS):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------------------------- keys, peers
+def test_keys_and_s3_credentials_are_mounted_files_the_bundle_names(tmp_path: Path) -> None:
+    spec = conn(
+        recording={
+            "signingKeySecretRef": {"name": "orders-signing"},
+            "s3CredentialsSecretRef": {"name": "orders-s3"},
+        },
+        masking={"hashKeySecretRef": {"name": "orders-hash"}},
+    )
+    objects = desired(spec)
+    config = loaded_bundle(objects, tmp_path)
+    mounts = {m["name"]: Path(m["mountPath"]) for m in proxy_container(objects)["volumeMounts"]}
+    volumes = {v["name"]: v["secret"] for v in pod_spec(objects)["volumes"] if "secret" in v}
+    assert config.recording.signing_key_file == mounts["signing-key"] / "signing.key"
+    assert volumes["signing-key"]["secretName"] == "orders-signing"
+    assert config.masking.hash_key_file == mounts["hash-key"] / "hash.key"
+    assert volumes["hash-key"]["secretName"] == "orders-hash"
+    assert volumes["s3-credentials"]["secretName"] == "orders-s3"
+    for name in ("signing-key", "hash-key", "s3-credentials"):
+        assert volumes[name]["defaultMode"] == 0o400
+    # boto3 finds the mounted credentials file by path; the credentials stay in the file
+    assert proxy_container(objects)["env"] == [
+        {
+            "name": "AWS_SHARED_CREDENTIALS_FILE",
+            "value": str(mounts["s3-credentials"] / "credentials"),
+        }
+    ]
+    assert "env" not in proxy_container(desired())
+    with_default_sink = builders.with_defaults(
+        conn(recording={"sink": None, "signingKeySecretRef": {"name": "orders-signing"}}),
+        OperatorDefaults.model_validate({"recording": {"sink": {"file": {"dir": "/r"}}}}),
+    )
+    assert with_default_sink.recording.signing_key_secret_ref is not None
+
+
+def test_replicas_find_each_other_through_a_headless_service(tmp_path: Path) -> None:
+    objects = desired()
+    peers = by_kind(objects)["Service/peers"]
+    assert peers["spec"]["clusterIP"] == "None"
+    assert peers["spec"]["publishNotReadyAddresses"] is True
+    assert peers["spec"]["selector"] == by_kind(objects)["Service"]["spec"]["selector"]
+    config = loaded_bundle(objects, tmp_path)
+    assert config.peers.dns == f"{peers['metadata']['name']}.{NS}.svc"
+    assert config.peers.port is None  # listen.port, the same in every replica

@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 import warnings
@@ -16,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,8 @@ from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from pgwarden.api.config import Oidc
+from pgwarden.embedded.certs import make_certs
+from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden_proxy.auth.oidc import Identity, OidcVerifier, TokenRejected
 
 SigningKey = RSAKey | ECKey | OKPKey
@@ -786,3 +790,24 @@ def test_rejection_attributes() -> None:
     )
     assert TokenRejected("jwks_unavailable", "x").sqlstate == "28000"
     assert TokenRejected("missing_claim", "x").sqlstate == "28000"
+
+
+async def test_a_private_issuer_is_trusted_through_ca_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An issuer behind a private CA (the cluster's own, an internal Keycloak): its TLS
+    certificate must chain to `caFile`; without it the system's roots refuse it."""
+    certs = make_certs(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(certs.cert, certs.key)
+    with LocalIssuer(tls=tls) as issuer:
+        assert issuer.issuer.startswith("https://")
+        token = issuer.mint()
+        untrusted = OidcVerifier(Oidc(issuer=issuer.issuer), min_refresh_interval=0)
+        with pytest.raises(TokenRejected) as refused:
+            await untrusted.verify(token)
+        assert refused.value.reason == "jwks_unavailable"
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+        settings = Oidc.model_validate({"issuer": issuer.issuer, "caFile": certs.ca_cert})
+        identity = await OidcVerifier(settings).verify(token)
+        assert identity.username

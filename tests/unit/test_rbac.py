@@ -132,6 +132,23 @@ def test_the_operator_reads_no_secret_and_deletes_only_decided_approval_requests
     assert allowed(role, "", "events") == {"create"}
 
 
+def test_namespaced_and_cluster_scoped_rules_split_the_cluster_role() -> None:
+    """The chart's Role per watched namespace gets operator_rules(); cluster-scoped resources
+    mean nothing in a Role, so they are kopf's read-only ClusterRole of their own."""
+    namespaced, cluster_scoped = rbac.operator_rules(), rbac.operator_cluster_scoped_rules()
+    assert CLUSTER["operator"]["rules"] == namespaced + cluster_scoped
+    cluster_resources = {"customresourcedefinitions", "namespaces"}
+    assert {r for _, r, _ in grants({"rules": cluster_scoped})} == cluster_resources
+    assert {v for *_, v in grants({"rules": cluster_scoped})} == {"list", "watch"}
+    assert not {r for _, r, _ in grants({"rules": namespaced})} & cluster_resources
+    # rules share no lists (YAML dumps them without anchors; one edit changes one rule)
+    by_resource = {rule["resources"][0]: rule for rule in namespaced}
+    by_resource["configmaps"]["verbs"].append("delete")
+    assert "delete" not in by_resource["deployments"]["verbs"]
+    fresh = {rule["resources"][0]: rule for rule in rbac.operator_rules()}
+    assert "delete" not in fresh["configmaps"]["verbs"]
+
+
 # ---------------------------------------------------------------------------------- ownership
 @pytest.mark.parametrize("kind", PER_CONNECTION)
 def test_per_connection_objects_are_owned_and_labelled_like_the_rest(kind: str) -> None:

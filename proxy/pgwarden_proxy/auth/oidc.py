@@ -18,13 +18,16 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
@@ -207,12 +210,17 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _http_get(url: str, timeout: float) -> bytes:
-    """Blocking GET of a small JSON document (run in a worker thread)."""
+def _http_get(url: str, timeout: float, ca_file: Path | None = None) -> bytes:
+    """Blocking GET of a small JSON document (run in a worker thread); `ca_file`: trust only
+    this CA bundle for https (a private issuer, the cluster's own)."""
     _check_url(url, "URL")
     # Loopback never goes through a proxy from the environment.
     proxies = urllib.request.ProxyHandler({} if _is_loopback(urlsplit(url).hostname) else None)
-    opener = urllib.request.build_opener(proxies, _CheckedRedirects())
+    handlers: list[urllib.request.BaseHandler] = [proxies, _CheckedRedirects()]
+    if ca_file is not None:
+        context = ssl.create_default_context(cafile=os.fspath(ca_file))
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     request = urllib.request.Request(  # noqa: S310 - the scheme was checked above
         url, headers={"Accept": "application/json", "User-Agent": "pgwarden"}
     )
@@ -518,7 +526,9 @@ class OidcVerifier:
     async def _get(self, url: str, model: type[_Doc]) -> _Doc:
         try:
             async with asyncio.timeout(self._http_timeout):
-                body = await asyncio.to_thread(_http_get, url, self._http_timeout)
+                body = await asyncio.to_thread(
+                    _http_get, url, self._http_timeout, self._settings.ca_file
+                )
         except TimeoutError:
             raise _FetchError(f"{url}: no answer within {self._http_timeout:g}s") from None
         except urllib.error.HTTPError as e:

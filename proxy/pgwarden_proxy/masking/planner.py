@@ -10,6 +10,7 @@ it derives from. Where masking applies, a statement is refused when:
   where they would be readable unmasked,
 - it calls a function defined outside pg_catalog (pgwarden cannot see what it reads), or a
   built-in that runs SQL given as text or dumps whole tables (`query_to_xml`, `dblink`, ...),
+  or it is a DO block (an anonymous function, just as opaque),
 - it is a `COPY ... TO STDOUT` in binary format whose columns need masking.
 
 Plans are cached per statement fingerprint (literal values do not change lineage) and rule set,
@@ -66,6 +67,12 @@ UNMASKABLE_FUNCTIONS = frozenset(
     }
 )
 _CACHE_LIMIT = 10_000
+# A DO block is an anonymous function: like a function defined outside pg_catalog, its code can
+# read a masked column and hand the value on (a NOTICE, an error, a write to another table).
+_DO_REFUSAL_TEXT = (
+    "it runs a DO block: with masking in force only built-in functions may run, because "
+    "pgwarden cannot see what the block's code reads"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,7 @@ class StatementPlan:
 
 
 NO_PLAN = StatementPlan()
+_DO_REFUSAL = StatementPlan(refusal=_DO_REFUSAL_TEXT)
 
 
 def column_rule(
@@ -119,6 +127,8 @@ class Planner:
         """The plan if it needs no catalog read (None: call `prepare` first)."""
         if not rules.columns:
             return _copy_plan(info) if rules.detectors and info.command == "COPY" else NO_PLAN
+        if info.command == "DO":
+            return _DO_REFUSAL
         if not info.relations and not info.functions:
             return NO_PLAN
         return self._cache.get((rules, _cache_key(info), self.catalog.generation))
