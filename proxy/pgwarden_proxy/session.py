@@ -30,6 +30,7 @@ from pgwarden_proxy.decision import Decision
 from pgwarden_proxy.endpoint import ConnectionClosed, Endpoint
 from pgwarden_proxy.events import SessionEvent, StatementEvent
 from pgwarden_proxy.masking.catalog import CatalogError
+from pgwarden_proxy.masking.errors import Scope, redact_report, report_scope
 from pgwarden_proxy.masking.planner import StatementPlan, fetch_cursor
 from pgwarden_proxy.masking.rows import CopyMask, ResultMask, Rewriter
 from pgwarden_proxy.policy import EffectivePolicy
@@ -1169,6 +1170,8 @@ class Session:
                     continue
                 assert isinstance(item, Message)
                 t = item.type
+                if (t == 69 or t == 78) and self._rewriter is not None:  # E, N
+                    item = self._server_report(item)  # before the tracker records it
                 if t in _MASKED_TYPES and self._rewriter is not None:
                     item = self._mask(item)
                 elif t in _STATEMENT_END:
@@ -1243,6 +1246,35 @@ class Session:
             )
             scanner.streamed.discard(_COPYDATA)
         return msg
+
+    def _server_report(self, msg: Message) -> Message:
+        """A server ErrorResponse or NoticeResponse with masked values withheld: PostgreSQL
+        quotes data in them (`invalid input syntax for type integer: "123-45-6789"`, `Key
+        (email)=(...) already exists.`). Done before the tracker sees it, so the client, the
+        recording and the log all get the redacted text (masking/errors.py)."""
+        rewriter = self._rewriter
+        assert rewriter is not None
+        scope: Scope | None = None
+        if self.policy.masking.columns:
+            plan, command = self._statement_of_head()
+            scope = report_scope(plan, command)
+        body = redact_report(msg.body, self.encoding, scope, rewriter.line_detectors)
+        if body is None:
+            return msg
+        return Message(msg.type, body, m.frame(bytes((msg.type,)), body), msg.rows, msg.row_bytes)
+
+    def _statement_of_head(self) -> tuple[StatementPlan | None, str | None]:
+        """The plan and command of the statement the server is answering (an error at Parse or
+        Bind belongs to the Execute that follows, as in the tracker); (None, None): unknown."""
+        for p in self.tracker.pending:
+            if p.kind is Kind.DESCRIBE_STATEMENT or p.kind is Kind.DESCRIBE_PORTAL:
+                return p.plan, None
+            op = p.op
+            if op is not None:
+                return op.plan, op.event.command
+            if p.kind is not Kind.PARSE and p.kind is not Kind.BIND:
+                break
+        return None, None
 
     def _result_mask_for(
         self, row_description: bytes, plan: StatementPlan | None, rewriter: Rewriter
