@@ -60,7 +60,6 @@ IMAGE_ENV = "PGWARDEN_IMAGE"
 # in the API client's connection pool (where a request's timeout would run out while it waits)
 RENDER_CONCURRENCY = 8
 STATUS_CONCURRENCY = 8
-BUNDLE = "ConfigMap"  # the kind a policy change touches (proxies reload it live)
 DEFAULT_IMAGE = "ghcr.io/pgwarden/pgwarden:latest"
 FINALIZER = f"{GROUP}/finalizer"
 CONNECTIONS = DATABASE_CONNECTION.plural
@@ -307,14 +306,20 @@ class Operator:
         try:
             spec = DatabaseConnectionSpec.model_validate(conn.get("spec") or {})
             uid = conn["metadata"].get("uid", "")
-            # the proxy's identity and its right to ApprovalRequests first: the Deployment
-            # names the ServiceAccount
-            manifests = rbac.proxy_rbac(name, namespace, uid) + builders.desired(
-                name, namespace, uid, spec, policies, self.image, defaults=self.defaults
-            )
             digest = builders.spec_hash(
                 spec, name, namespace, spec.proxy.image or self.image, defaults=self.defaults
             )
+            # a policy change touches only the bundle, unless this generation was never applied
+            full = full or not _applied(conn, digest)
+            if full:
+                # the proxy's identity and its right to ApprovalRequests first: the Deployment
+                # names the ServiceAccount
+                manifests = rbac.proxy_rbac(name, namespace, uid) + builders.desired(
+                    name, namespace, uid, spec, policies, self.image, defaults=self.defaults
+                )
+            else:
+                config = builders.bundle(spec, name, namespace, policies, defaults=self.defaults)
+                manifests = [builders.config_map(name, namespace, uid, config)]
         except (ValidationError, builders.InvalidSpec) as e:
             message = validation_message(e) if isinstance(e, ValidationError) else str(e)
             log.warning("DatabaseConnection %s/%s: invalid spec: %s", namespace, name, message)
@@ -339,11 +344,8 @@ class Operator:
             await self._write_status(api, CONNECTIONS, conn, status)
             return
 
-        # a policy change touches only the bundle, unless this generation was never applied
-        if not full and not _applied(conn, digest):
-            full = True
         ready_replicas = int(old_status.get("readyReplicas") or 0)
-        for manifest in manifests if full else [m for m in manifests if m["kind"] == BUNDLE]:
+        for manifest in manifests:
             action, live = await api.apply(manifest)
             if action != "unchanged":
                 log.info(
@@ -497,11 +499,12 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
     # render reads policies from memory instead of listing them (that was connections x
     # policies objects parsed at every burst)
     @kopf.index(GROUP, VERSION, POLICIES, id="policy_index", registry=registry)
-    def policy_index(body: kopf.Body, **_: Any) -> dict[str, IndexedPolicy]:
+    # (async: kopf would run a plain function in its thread pool, a hop per watch event)
+    async def policy_index(body: kopf.Body, **_: Any) -> dict[str, IndexedPolicy]:
         return {_where(body)[0]: index_policy(body)}
 
     @kopf.index(GROUP, VERSION, CONNECTIONS, id="connection_index", registry=registry)
-    def connection_index(body: kopf.Body, **_: Any) -> dict[str, Obj]:
+    async def connection_index(body: kopf.Body, **_: Any) -> dict[str, Obj]:
         return {_where(body)[0]: {"metadata": _raw(body.metadata)}}
 
     @kopf.on.startup(id="startup", registry=registry)
