@@ -18,10 +18,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from pgwarden.api.config import ConfigError, Oidc, format_validation_error
+from pgwarden.api.config import ConfigError, Oidc, parse_model
 from pgwarden.api.policy import Model
 from pgwarden.api.resources import ConnectionRecording
 
@@ -50,18 +49,7 @@ class OperatorDefaults(Model):
 
 def parse_defaults(text: str, source: str) -> OperatorDefaults:
     """`text` (JSON or YAML) as defaults; errors name `source` and the field."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid JSON or YAML: {e}") from e
-    if raw is None:  # an empty file or variable: no defaults
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the defaults must be a mapping (oidc, recording)")
-    try:
-        return OperatorDefaults.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{source}: invalid defaults:\n{format_validation_error(e)}") from e
+    return parse_model(text, OperatorDefaults, source, "defaults", empty=True)
 
 
 def load_defaults(environ: Mapping[str, str] | None = None) -> OperatorDefaults:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pgwarden.api.policy import AccessPolicySpec, Duration, Model
 
@@ -266,17 +266,30 @@ class ConfigError(Exception):
 
 def load_config(path: Path) -> ProxyConfig:
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config file must hold a mapping at the top level")
+    return parse_model(text, ProxyConfig, str(path), "config")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_model(text: str, model: type[M], source: str, what: str, *, empty: bool = False) -> M:
+    """`text` (YAML, and so JSON too) as a `model`; every error names `source` and, for an
+    invalid value, the field. `empty`: an empty text is an empty mapping."""
     try:
-        return ProxyConfig.model_validate(raw)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML (nor JSON): {e}") from e
+    if raw is None and empty:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the {what} must be a mapping at the top level")
+    try:
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{path}: invalid config:\n{format_validation_error(e)}") from e
+        raise ConfigError(f"{source}: invalid {what}:\n{format_validation_error(e)}") from e
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -63,7 +63,7 @@ def test_bad_defaults_name_the_variable_and_the_field(doc: object, complaint: st
 def test_unusable_sources(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="cannot read"):
         config.load_defaults({config.DEFAULTS_FILE_ENV: str(tmp_path / "missing.json")})
-    with pytest.raises(config.ConfigError, match="not valid JSON or YAML"):
+    with pytest.raises(config.ConfigError, match="not valid YAML \\(nor JSON\\)"):
         config.load_defaults({config.DEFAULTS_ENV: "{oidc: ["})
     with pytest.raises(config.ConfigError, match="not both"):
         config.load_defaults({config.DEFAULTS_ENV: "{}", config.DEFAULTS_FILE_ENV: "/x"})
