@@ -67,6 +67,7 @@ Manifest = dict[str, Any]
 SPEC_HASH_ANNOTATION = "pgwarden.io/spec-hash"
 CONNECTION_LABEL = "pgwarden.io/connection"
 
+WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet"})  # what runs the proxy pods
 PROXY_UID = 10001  # the `pgwarden` user of the image (Dockerfile)
 POSTGRES_PORT = 5432
 METRICS_PORT = 9187
@@ -83,7 +84,8 @@ TLS_DIR = Path("/etc/pgwarden/tls")  # kubernetes.io/tls Secret: tls.crt, tls.ke
 HASH_KEY_FILE = Path("/etc/pgwarden/masking/hash.key")  # masking.hashKeySecretRef
 SIGNING_KEY_FILE = Path("/etc/pgwarden/signing/signing.key")  # recording.signingKeySecretRef
 S3_CREDENTIALS_FILE = Path("/etc/pgwarden/s3/credentials")  # recording.s3CredentialsSecretRef
-SPOOL_DIR = Recording().spool_dir  # /var/lib/pgwarden/spool, an emptyDir
+SPOOL_DIR = Recording().spool_dir  # /var/lib/pgwarden/spool: an emptyDir, or a claim
+SPOOL_VOLUME_MIB = Recording().max_spool_bytes * 3 // 2 // 2**20  # room above the bound
 
 # Bundle fields a running proxy applies live (a subset of pgwarden_proxy.reload.LIVE_FIELDS;
 # a unit test keeps them in step). `upstream` is live in the proxy too, but a new database
@@ -354,11 +356,43 @@ def mounted_secrets(spec: DatabaseConnectionSpec) -> list[tuple[str, str, list[s
     return [(v, ref.name, keys, mode, d) for v, ref, keys, mode, d in refs if ref is not None]
 
 
+_QUANTITY_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity of bytes (`2Gi`, `1.5G`, `500M`) as a number."""
+    number = quantity.rstrip("kMGTPEi")
+    return int(float(number) * _QUANTITY_UNITS[quantity[len(number) :]])
+
+
 def deployment(
     conn_name: str, namespace: str, uid: str, spec: DatabaseConnectionSpec, image: str
 ) -> Manifest:
-    """The proxy pods. `image` is the effective image (spec.proxy.image or the operator's)."""
+    """The proxy pods: a Deployment, or with spec.proxy.spoolVolume a StatefulSet whose pods
+    each keep a PersistentVolumeClaim for the spool. `image` is the effective image
+    (spec.proxy.image or the operator's)."""
     proxy = spec.proxy
+    persistent = proxy.spool_volume
+    if persistent is not None and quantity_bytes(persistent.size) < SPOOL_VOLUME_MIB * 2**20:
+        raise InvalidSpec(
+            f"spec.proxy.spoolVolume.size {persistent.size} is too small: the spool holds up "
+            f"to {Recording().max_spool_bytes // 2**20}Mi before the proxy refuses statements; "
+            f"give it at least {SPOOL_VOLUME_MIB}Mi"
+        )
     pod_labels = labels(conn_name)
     # Secret files are 0400 and owned by root; fsGroup makes the kubelet give them to the
     # group 10001 with group read (0440), so the non-root proxy can read them.
@@ -376,11 +410,9 @@ def deployment(
         mounts.append({"name": volume, "mountPath": str(directory), "readOnly": True})
     # The spool holds recordings until they are shipped; beyond maxSpoolBytes the proxy refuses
     # new statements, so the emptyDir limit sits above it and never evicts the pod first.
-    spool_limit = Recording().max_spool_bytes * 3 // 2 // 2**20
-    volumes += [
-        {"name": "spool", "emptyDir": {"sizeLimit": f"{spool_limit}Mi"}},
-        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},  # the root filesystem is read-only
-    ]
+    if persistent is None:
+        volumes.append({"name": "spool", "emptyDir": {"sizeLimit": f"{SPOOL_VOLUME_MIB}Mi"}})
+    volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}})  # read-only root fs
     mounts += [
         {"name": "spool", "mountPath": str(SPOOL_DIR)},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 (a mount path, not a file)
@@ -432,50 +464,83 @@ def deployment(
         },
         "volumeMounts": mounts,
     }
+    revision_label = "pod-template-hash" if persistent is None else "controller-revision-hash"
+    pod_template = {
+        "metadata": {
+            "labels": pod_labels,
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(spec, conn_name, namespace, image)},
+        },
+        "spec": {
+            "serviceAccountName": proxy_name(conn_name),
+            # the proxy creates and watches ApprovalRequests through the API
+            "automountServiceAccountToken": True,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": grace,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": PROXY_UID,
+                "runAsGroup": PROXY_UID,
+                "fsGroup": PROXY_UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [container],
+            "volumes": volumes,
+            "topologySpreadConstraints": [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "kubernetes.io/hostname",
+                    "whenUnsatisfiable": "ScheduleAnyway",
+                    "labelSelector": {"matchLabels": selector_labels(conn_name)},
+                    # spread each revision's pods, not old and new together
+                    "matchLabelKeys": [revision_label],
+                }
+            ],
+        },
+    }
+    meta = _metadata(proxy_name(conn_name), namespace, conn_name, uid)
+    selector = {"matchLabels": selector_labels(conn_name)}
+    if persistent is None:
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": proxy.replicas,
+                "selector": selector,
+                # a new pod is ready before an old one drains: capacity holds during a rollout
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+                },
+                "template": pod_template,
+            },
+        }
+    claim: Manifest = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": persistent.size}},
+    }
+    if persistent.storage_class_name:
+        claim["storageClassName"] = persistent.storage_class_name
     return {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _metadata(proxy_name(conn_name), namespace, conn_name, uid),
+        "kind": "StatefulSet",
+        "metadata": meta,
         "spec": {
             "replicas": proxy.replicas,
-            "selector": {"matchLabels": selector_labels(conn_name)},
-            # a new pod is ready before an old one drains: capacity holds during a rollout
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
-            },
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {
-                        SPEC_HASH_ANNOTATION: spec_hash(spec, conn_name, namespace, image)
-                    },
-                },
-                "spec": {
-                    "serviceAccountName": proxy_name(conn_name),
-                    # the proxy creates and watches ApprovalRequests through the API
-                    "automountServiceAccountToken": True,
-                    "enableServiceLinks": False,
-                    "terminationGracePeriodSeconds": grace,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": PROXY_UID,
-                        "runAsGroup": PROXY_UID,
-                        "fsGroup": PROXY_UID,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [container],
-                    "volumes": volumes,
-                    "topologySpreadConstraints": [
-                        {
-                            "maxSkew": 1,
-                            "topologyKey": "kubernetes.io/hostname",
-                            "whenUnsatisfiable": "ScheduleAnyway",
-                            "labelSelector": {"matchLabels": selector_labels(conn_name)},
-                            "matchLabelKeys": ["pod-template-hash"],
-                        }
-                    ],
-                },
+            "selector": selector,
+            "serviceName": peers_name(conn_name),
+            # replicas are alike: start and stop them together, not one after the other
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": pod_template,
+            "volumeClaimTemplates": [
+                {"metadata": {"name": "spool", "labels": labels(conn_name)}, "spec": claim}
+            ],
+            # a claim outlives its pod, and its replica: a scaled-down or deleted proxy may
+            # leave segments that S3 has not confirmed (docs/operator.md)
+            "persistentVolumeClaimRetentionPolicy": {
+                "whenDeleted": "Retain",
+                "whenScaled": "Retain",
             },
         },
     }

@@ -53,7 +53,7 @@ from pgwarden.api.resources import (
 )
 from pgwarden_operator import approvals, builders, config, rbac
 from pgwarden_operator.coalesce import Coalescer
-from pgwarden_operator.k8s import Api, Obj, is_subset
+from pgwarden_operator.k8s import Api, ApiPermanentError, Obj, is_subset
 
 IMAGE_ENV = "PGWARDEN_IMAGE"
 # renders and policy-status writes in flight at once: a burst of events queues here instead of
@@ -71,6 +71,7 @@ VALID = "Valid"
 RESOLVED = "ConnectionsResolved"
 RECONCILED = "Reconciled"
 INVALID_SPEC = "InvalidSpec"
+APPLY_REJECTED = "ApplyRejected"  # the API server refused a manifest (a permanent error)
 
 _log = logging.getLogger("pgwarden.operator")
 Log = logging.Logger | logging.LoggerAdapter[Any]
@@ -294,7 +295,6 @@ class Operator:
 
     async def _render(self, key: tuple[str, str], full: bool) -> None:
         namespace, name = key
-        log = _log
         api = await self.api()
         # the latest version: the index may be a moment behind
         conn = await api.get(API_VERSION, CONNECTIONS, namespace, name)
@@ -322,37 +322,24 @@ class Operator:
                 manifests = [builders.config_map(name, namespace, uid, config)]
         except (ValidationError, builders.InvalidSpec) as e:
             message = validation_message(e) if isinstance(e, ValidationError) else str(e)
-            log.warning("DatabaseConnection %s/%s: invalid spec: %s", namespace, name, message)
-            kopf.warn(
-                kopf.Body(cast("kopf.RawBody", conn)),
-                reason=INVALID_SPEC,
-                message=message[:1024],
-            )
-            status = {
-                "observedGeneration": generation,
-                "conditions": [
-                    condition(
-                        READY,
-                        False,
-                        INVALID_SPEC,
-                        message + " (the proxy keeps running its last valid configuration)",
-                        generation,
-                        old_status.get("conditions"),
-                    )
-                ],
-            }
-            await self._write_status(api, CONNECTIONS, conn, status)
+            await self._not_ready(api, conn, INVALID_SPEC, message)
             return
 
         ready_replicas = int(old_status.get("readyReplicas") or 0)
         for manifest in manifests:
-            action, live = await api.apply(manifest)
+            try:
+                action, live = await api.apply(manifest)
+            except ApiPermanentError as e:  # e.g. a StatefulSet's claims cannot change
+                await self._not_ready(api, conn, APPLY_REJECTED, str(e))
+                return
             if action != "unchanged":
-                log.info(
+                _log.info(
                     "%s %s/%s %s", manifest["kind"], namespace, manifest["metadata"]["name"], action
                 )
-            if manifest["kind"] == "Deployment":
+            if manifest["kind"] in builders.WORKLOAD_KINDS:
                 ready_replicas = int((live.get("status") or {}).get("readyReplicas") or 0)
+        if full:
+            await self._remove_other_workload(api, conn, manifests)
         selected = sorted(n for n, p in policies if p.selects(name))
         status = {
             "observedGeneration": generation,
@@ -372,6 +359,48 @@ class Operator:
             ],
         }
         await self._write_status(api, CONNECTIONS, conn, status)
+
+    async def _not_ready(self, api: Api, conn: Obj, reason: str, message: str) -> None:
+        """Ready=False with what is wrong, a warning event; what runs stays as it is."""
+        meta = conn["metadata"]
+        generation = meta.get("generation")
+        where = f"{meta['namespace']}/{meta['name']}"
+        _log.warning("DatabaseConnection %s: %s: %s", where, reason, message)
+        kopf.warn(kopf.Body(cast("kopf.RawBody", conn)), reason=reason, message=message[:1024])
+        status = {
+            "observedGeneration": generation,
+            "conditions": [
+                condition(
+                    READY,
+                    False,
+                    reason,
+                    message + " (the proxy keeps running its last valid configuration)",
+                    generation,
+                    (conn.get("status") or {}).get("conditions"),
+                )
+            ],
+        }
+        await self._write_status(api, CONNECTIONS, conn, status)
+
+    async def _remove_other_workload(self, api: Api, conn: Obj, manifests: list[Obj]) -> None:
+        """A Deployment replaced by a StatefulSet (spec.proxy.spoolVolume set) or the other way
+        round: the old one goes, if this connection owns it (a same-named object of someone
+        else's stays). The new one was applied first, so its pods start while the old drain."""
+        meta = conn["metadata"]
+        name = builders.proxy_name(meta["name"])
+        current = {m["kind"] for m in manifests} & builders.WORKLOAD_KINDS
+        for kind in builders.WORKLOAD_KINDS - current:
+            plural = "deployments" if kind == "Deployment" else "statefulsets"
+            old = await api.get("apps/v1", plural, meta["namespace"], name)
+            if old is None:
+                continue
+            owners = old["metadata"].get("ownerReferences") or []
+            if not any(o.get("uid") == meta.get("uid") for o in owners):
+                continue
+            await api.delete(
+                "apps/v1", plural, meta["namespace"], name, uid=old["metadata"].get("uid")
+            )
+            _log.info("%s %s/%s deleted (replaced)", kind, meta["namespace"], name)
 
     async def track_replicas(self, namespace: str, deployment: Mapping[str, Any]) -> None:
         """A proxy Deployment's readyReplicas, copied to its connection's status (the printer
@@ -548,6 +577,14 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
         "apps",
         "v1",
         "deployments",
+        id="proxy-replicas",
+        labels={builders.CONNECTION_LABEL: kopf.PRESENT},
+        registry=registry,
+    )
+    @kopf.on.event(
+        "apps",
+        "v1",
+        "statefulsets",
         id="proxy-replicas",
         labels={builders.CONNECTION_LABEL: kopf.PRESENT},
         registry=registry,

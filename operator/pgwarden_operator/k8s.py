@@ -36,6 +36,7 @@ AUTH_RETRY_DELAY = 30.0  # 401/403: someone has to fix RBAC or credentials
 _PLURALS = {
     "ConfigMap": "configmaps",
     "Deployment": "deployments",
+    "StatefulSet": "statefulsets",
     "Service": "services",
     "ServiceAccount": "serviceaccounts",
     "PodDisruptionBudget": "poddisruptionbudgets",

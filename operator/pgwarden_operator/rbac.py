@@ -37,8 +37,9 @@ _APPROVALS = APPROVAL_REQUEST.plural
 _APPROVALS_STATUS = f"{_APPROVALS}/status"
 _READ = ["get", "list", "watch"]
 # what the operator's client does with what it manages (k8s.Api.apply: get, then create or a
-# merge patch; list and watch for kopf's view of owned objects). No delete: owner references
-# let the garbage collector delete what a DatabaseConnection owned; no update: patches only.
+# merge patch; list and watch for kopf's view of owned objects). No delete (but for the workload
+# whose kind changed): owner references let the garbage collector delete what a
+# DatabaseConnection owned; no update: patches only.
 _MANAGE = ["get", "list", "watch", "create", "patch"]
 
 
@@ -147,8 +148,10 @@ def operator_rules() -> list[Manifest]:
         _rule(GROUP, [_APPROVALS_STATUS], ["get", "patch"]),
         # the proxy bundle (ConfigMap), its Service and ServiceAccount
         _rule("", ["configmaps", "services", "serviceaccounts"], _MANAGE),
-        # the proxy pods
-        _rule("apps", ["deployments"], _MANAGE),
+        # the proxy pods: a Deployment, or a StatefulSet when the spool is on claims. Delete:
+        # only when one replaces the other (spec.proxy.spoolVolume set or removed), and only
+        # the one this connection owns (handlers._remove_other_workload)
+        _rule("apps", ["deployments", "statefulsets"], [*_MANAGE, "delete"]),
         _rule("policy", ["poddisruptionbudgets"], _MANAGE),
         # egress of the proxy to an in-cluster database
         _rule("networking.k8s.io", ["networkpolicies"], _MANAGE),

@@ -79,6 +79,20 @@ class ResourceRequirements(Model):
     limits: dict[str, str] = Field(default_factory=dict)
 
 
+class SpoolVolume(Model):
+    """A PersistentVolumeClaim per replica for the recording spool; the proxies then run as a
+    StatefulSet, so what is not shipped yet outlives its pod (a rollout, an eviction or a node
+    drain while S3 is unreachable). Without it the spool is an emptyDir, which lives as long as
+    the pod (container restarts keep it)."""
+
+    size: str = Field(
+        default="2Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description="the claim's size; at least 1.5 times the spool's bound (1 GiB)",
+    )
+    storage_class_name: str | None = Field(default=None, alias="storageClassName")
+
+
 class ProxySpec(Model):
     replicas: int = Field(default=2, ge=0, le=100)
     resources: ResourceRequirements = Field(
@@ -93,6 +107,12 @@ class ProxySpec(Model):
     )
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     image: str | None = Field(default=None, description="default: the operator's own image")
+    spool_volume: SpoolVolume | None = Field(
+        default=None,
+        alias="spoolVolume",
+        description="keep the recording spool on a PersistentVolumeClaim per replica "
+        "(a StatefulSet instead of a Deployment)",
+    )
 
 
 class ConnectionRecording(Model):

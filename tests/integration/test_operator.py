@@ -524,3 +524,55 @@ async def test_a_connection_without_auth_and_no_default_says_what_to_set(cluster
     assert "spec.auth.oidc" in cond["message"]
     assert "defaults.oidc" in cond["message"]
     assert cluster.get("apps/v1/deployments", "orders-proxy") is None
+
+
+async def test_a_spool_volume_swaps_the_deployment_for_a_stateful_set(cluster: Cluster) -> None:
+    """Setting spec.proxy.spoolVolume moves the proxies to a StatefulSet (a claim per replica);
+    the old Deployment goes once the StatefulSet is applied; removing it swaps back."""
+    await cluster.create(connection("orders"))
+    await cluster.eventually(
+        lambda: cluster.get("apps/v1/deployments", "orders-proxy"), "the Deployment"
+    )
+    await cluster.patch(
+        CONNECTIONS, "orders", {"spec": {"proxy": {"spoolVolume": {"size": "3Gi"}}}}
+    )
+    sts = await cluster.eventually(
+        lambda: cluster.get("apps/v1/statefulsets", "orders-proxy"), "the StatefulSet"
+    )
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"] == {
+        "storage": "3Gi"
+    }
+    await cluster.eventually(
+        lambda: cluster.get("apps/v1/deployments", "orders-proxy") is None,
+        "the Deployment deleted",
+    )
+    await cluster.eventually(lambda: cluster.is_true(CONNECTIONS, "orders", "Ready"), "Ready")
+    # back to an emptyDir spool
+    await cluster.patch(CONNECTIONS, "orders", {"spec": {"proxy": {"spoolVolume": None}}})
+    await cluster.eventually(
+        lambda: cluster.get("apps/v1/deployments", "orders-proxy"), "the Deployment again"
+    )
+    await cluster.eventually(
+        lambda: cluster.get("apps/v1/statefulsets", "orders-proxy") is None,
+        "the StatefulSet deleted",
+    )
+
+
+async def test_a_workload_the_connection_does_not_own_is_left_alone(cluster: Cluster) -> None:
+    """A same-named StatefulSet that someone else made is not the operator's to delete."""
+    await cluster.create(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": "orders-proxy", "namespace": NS},
+            "spec": {
+                "serviceName": "x",
+                "selector": {"matchLabels": {"app": "x"}},
+                "template": {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": []}},
+            },
+        }
+    )
+    await cluster.create(connection("orders"))
+    await cluster.eventually(lambda: cluster.is_true(CONNECTIONS, "orders", "Ready"), "Ready")
+    await cluster.settle()
+    assert cluster.get("apps/v1/statefulsets", "orders-proxy") is not None

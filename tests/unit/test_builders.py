@@ -88,6 +88,7 @@ VARIANTS = {
     "full": conn(inCluster=True, databaseSelector={"app": "orders-postgres"}),
     "minimal": conn(tls={"sslmode": "require", "caSecretRef": None}, proxy={"tlsSecretRef": None}),
     "single-replica-lb": conn(proxy={"replicas": 1, "service": {"type": "LoadBalancer"}}),
+    "persistent-spool": conn(proxy={"spoolVolume": {"size": "4Gi", "storageClassName": "ssd"}}),
 }
 
 
@@ -95,12 +96,9 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_manifest_validates_against_the_kubernetes_schema(variant: str) -> None:
     objects = desired(VARIANTS[variant])
-    assert {o["kind"] for o in objects} >= {
-        "ConfigMap",
-        "Deployment",
-        "Service",
-        "PodDisruptionBudget",
-    }
+    kinds = {o["kind"] for o in objects}
+    assert kinds >= {"ConfigMap", "Service", "PodDisruptionBudget"}
+    assert len(kinds & builders.WORKLOAD_KINDS) == 1
     for obj in objects:
         # strict: an unknown or misspelt field is an error, not silently dropped by the API
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -520,3 +518,44 @@ def test_replicas_find_each_other_through_a_headless_service(tmp_path: Path) -> 
     config = loaded_bundle(objects, tmp_path)
     assert config.peers.dns == f"{peers['metadata']['name']}.{NS}.svc"
     assert config.peers.port is None  # listen.port, the same in every replica
+
+
+# ---------------------------------------------------------------------------------- spool
+def test_a_spool_volume_makes_a_stateful_set_with_a_claim_per_replica() -> None:
+    objects = desired(VARIANTS["persistent-spool"])
+    kinds = by_kind(objects)
+    assert "Deployment" not in kinds
+    sts = kinds["StatefulSet"]
+    assert sts["metadata"]["name"] == builders.proxy_name(NAME)
+    # the headless Service of the replicas governs it
+    assert sts["spec"]["serviceName"] == kinds["Service/peers"]["metadata"]["name"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "spool"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "4Gi"
+    assert claim["spec"]["storageClassName"] == "ssd"
+    pod = sts["spec"]["template"]["spec"]
+    assert "spool" not in {v["name"] for v in pod["volumes"]}  # the claim, not an emptyDir
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["spool"] == str(builders.SPOOL_DIR)
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    # the same pod as the Deployment's, but for the spool volume and the revision label
+    plain = by_kind(desired())["Deployment"]["spec"]["template"]["spec"]
+    assert pod["containers"] == plain["containers"]
+    assert pod["topologySpreadConstraints"][0]["matchLabelKeys"] == ["controller-revision-hash"]
+
+
+@pytest.mark.parametrize("size", ["1Gi", "1000Mi", "1G"])
+def test_a_spool_volume_smaller_than_the_spool_is_refused(size: str) -> None:
+    with pytest.raises(builders.InvalidSpec, match=r"spec\.proxy\.spoolVolume\.size"):
+        desired(conn(proxy={"spoolVolume": {"size": size}}))
+
+
+@pytest.mark.parametrize(
+    ("quantity", "value"),
+    [("2Gi", 2 * 2**30), ("1536Mi", 1536 * 2**20), ("1.5G", 1_500_000_000), ("100", 100)],
+)
+def test_quantities(quantity: str, value: int) -> None:
+    assert builders.quantity_bytes(quantity) == value

@@ -113,13 +113,18 @@ def test_the_operator_holds_what_the_proxy_role_grants() -> None:
     assert grants(PER_CONNECTION["Role"]) <= grants(CLUSTER["operator"])
 
 
-def test_the_operator_reads_no_secret_and_deletes_only_decided_approval_requests() -> None:
+def test_the_operator_reads_no_secret_and_deletes_only_what_it_must() -> None:
     role = CLUSTER["operator"]
     assert not [g for g in grants(role) if g[1] == "secrets"]
-    # its one delete: ApprovalRequests past their retention period
+    # its deletes: ApprovalRequests past their retention period, and the proxy workload whose
+    # kind changed (a Deployment replaced by a StatefulSet, or back)
     risky = ("delete", "deletecollection", "update")
     writes = [g for g in grants(role) if g[2] in risky and not g[1].endswith("/finalizers")]
-    assert writes == [("pgwarden.io", "approvalrequests", "delete")]
+    assert sorted(writes) == [
+        ("apps", "deployments", "delete"),
+        ("apps", "statefulsets", "delete"),
+        ("pgwarden.io", "approvalrequests", "delete"),
+    ]
     assert allowed(role, "pgwarden.io", "approvalrequests") == set(
         ["get", "list", "watch", "create", "patch", "delete"]
     )
@@ -144,7 +149,7 @@ def test_namespaced_and_cluster_scoped_rules_split_the_cluster_role() -> None:
     # rules share no lists (YAML dumps them without anchors; one edit changes one rule)
     by_resource = {rule["resources"][0]: rule for rule in namespaced}
     by_resource["configmaps"]["verbs"].append("delete")
-    assert "delete" not in by_resource["deployments"]["verbs"]
+    assert "delete" not in by_resource["poddisruptionbudgets"]["verbs"]
     fresh = {rule["resources"][0]: rule for rule in rbac.operator_rules()}
     assert "delete" not in fresh["configmaps"]["verbs"]
 

@@ -59,12 +59,14 @@
   - apps
   resources:
   - deployments
+  - statefulsets
   verbs:
   - get
   - list
   - watch
   - create
   - patch
+  - delete
 - apiGroups:
   - policy
   resources:
