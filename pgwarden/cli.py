@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgwarden import logs
+from pgwarden.display import age, approval_details, printable, shorten
 
 if TYPE_CHECKING:
     from pgwarden.api.approvals import ApprovalRequest
@@ -42,54 +43,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 APPROVALS_DIR_ENV = "PGWARDEN_APPROVALS_DIR"
 
 
-def _printable(text: str, *, lines: bool = False) -> str:
-    """Text from an agent, safe for a terminal: control and format characters shown escaped.
-
-    So a statement cannot hide part of itself from the approver (carriage return, ANSI escapes,
-    bidirectional overrides). Without `lines`, all whitespace runs become one space.
-    """
-    import unicodedata
-
-    if not lines:
-        text = " ".join(text.split())
-    out = []
-    for ch in text:
-        if ch in "\n\t" and lines:
-            out.append(ch)
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _age(since: datetime, now: datetime) -> str:
-    s = max(int((now - since).total_seconds()), 0)
-    if s < 120:
-        return f"{s}s"
-    if s < 2 * 3600:
-        return f"{s // 60}m"
-    if s < 2 * 86400:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
-
-
 def _approvals_table(requests: Sequence[ApprovalRequest], now: datetime) -> str:
     rows = [("NAME", "AGE", "STATE", "REQUESTER", "CONNECTION", "CLASSES", "STATEMENT")]
     for r in requests:
         rows.append(
             (
                 r.name,
-                _age(r.created_at, now),
+                age(r.created_at, now),
                 r.status.state.value,
-                _printable(r.spec.requester.username),
-                _printable(r.spec.connection),
+                printable(r.spec.requester.username),
+                printable(r.spec.connection),
                 ",".join(r.spec.classes),
-                _shorten(_printable(r.spec.statement), 72),
+                shorten(printable(r.spec.statement), 72),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -97,42 +62,6 @@ def _approvals_table(requests: Sequence[ApprovalRequest], now: datetime) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
         for row in rows
     )
-
-
-def _approval_details(r: ApprovalRequest, now: datetime) -> str:
-    from pgwarden_proxy.approvals.backend import when
-
-    spec, st = r.spec, r.status
-    who = _printable(spec.requester.username)
-    if spec.requester.groups:
-        who += f" (groups: {_printable(', '.join(spec.requester.groups))})"
-    lines = [
-        f"name:        {r.name}",
-        f"state:       {st.state.value}",
-        f"connection:  {_printable(spec.connection)}",
-        f"requester:   {who}",
-        f"session:     {_printable(spec.session_id)}",
-        f"policy:      {_printable(spec.policy)}",
-        f"classes:     {', '.join(spec.classes)}",
-        f"created:     {when(r.created_at)} ({_age(r.created_at, now)} ago)",
-        f"expires:     {when(spec.expires_at)}",
-    ]
-    if st.decided_at is not None or st.decided_by is not None:
-        by = f" by {_printable(st.decided_by)}" if st.decided_by else ""
-        at = f" at {when(st.decided_at)}" if st.decided_at else ""
-        lines.append(f"decided:    {by}{at}")
-    if st.comment:
-        lines.append(f"comment:     {_printable(st.comment)}")
-    lines.append(f"fingerprint: {_printable(spec.fingerprint)}")
-    if spec.parameters is not None:
-        shown = ", ".join(
-            f"${i}=" + ("NULL" if p is None else repr(_printable(p, lines=True)))
-            for i, p in enumerate(spec.parameters, 1)
-        )
-        lines.append(f"parameters:  {shown or '(none)'}")
-    lines.append("statement:")
-    lines.extend("  " + line for line in _printable(spec.statement, lines=True).splitlines())
-    return "\n".join(lines)
 
 
 def _cmd_approvals(args: argparse.Namespace) -> int:
@@ -177,7 +106,7 @@ def _cmd_approvals(args: argparse.Namespace) -> int:
             if args.json:
                 print(req.model_dump_json(by_alias=True, indent=2))
             else:
-                print(_approval_details(req, now))
+                print(approval_details(req, now))
             return 0
         by = args.by
         if by is None:
@@ -198,7 +127,7 @@ def _cmd_approvals(args: argparse.Namespace) -> int:
         return 1
     print(
         f"{state.lower()} {req.name}: {', '.join(req.spec.classes)} on "
-        f"{_printable(req.spec.connection)}, requested by {_printable(req.spec.requester.username)}"
+        f"{printable(req.spec.connection)}, requested by {printable(req.spec.requester.username)}"
     )
     return 0
 
@@ -212,7 +141,7 @@ def _when(text: str | None, *, seconds: bool = False) -> str:
 
     t = parse_time(text)
     if t is None:
-        return _printable(text or "-")
+        return printable(text or "-")
     return t.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if seconds else t.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -238,16 +167,16 @@ def _sessions_table(summaries: Sequence[SessionSummary]) -> str:
     for s in summaries:
         rows.append(
             (
-                _printable(s.session_id),
+                printable(s.session_id),
                 _when(s.start),
                 _span_s(s.start, s.end) if s.end else "open",
                 str(s.statements),
                 str(s.refused),
-                _printable(s.connection),
-                _printable(s.identity),
+                printable(s.connection),
+                printable(s.identity),
             )
         )
-        reason = _printable(s.end_reason or ("-" if s.end else "still open / not closed"))
+        reason = printable(s.end_reason or ("-" if s.end else "still open / not closed"))
         ends.append(reason + (" (recovered)" if s.recovered else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -261,7 +190,7 @@ def _value(v: object, width: int = 40) -> str:
 
     if v is None:
         return "NULL"
-    return _shorten(_printable(v if isinstance(v, str) else json.dumps(v)), width)
+    return shorten(printable(v if isinstance(v, str) else json.dumps(v)), width)
 
 
 def _rows_text(view: StatementView, indent: str) -> list[str]:
@@ -292,7 +221,7 @@ def _outcome_text(view: StatementView) -> str:
     parts = []
     if o.error is not None:
         parts.append(
-            f"error {_printable(o.error.sqlstate or '?')}: {_printable(o.error.message or '')}"
+            f"error {printable(o.error.sqlstate or '?')}: {printable(o.error.message or '')}"
         )
     if view.refused and not o.rows:  # nothing ran: rows and time say nothing
         return " · ".join(parts) or "refused"
@@ -301,17 +230,17 @@ def _outcome_text(view: StatementView) -> str:
     if o.duration_ms is not None:
         parts.append(_ms(o.duration_ms))
     if o.command_tag:
-        parts.append(_printable(o.command_tag))
+        parts.append(printable(o.command_tag))
     return " · ".join(parts)
 
 
 def _approval_text(a: EventRecord) -> str:
-    text = f"approval {_printable(a.request or '')}: {_printable(a.state or '?')}"
+    text = f"approval {printable(a.request or '')}: {printable(a.state or '?')}"
     if a.decided_by:
-        text += f" by {_printable(a.decided_by)}"
+        text += f" by {printable(a.decided_by)}"
     if a.comment:
-        text += f" ({_printable(a.comment)})"
-    return text + f" → {_printable(a.decision or '?')}"
+        text += f" ({printable(a.comment)})"
+    return text + f" → {printable(a.decision or '?')}"
 
 
 def _verdict(result: VerifyResult) -> str:
@@ -333,37 +262,37 @@ def _show_text(rec: Recording, result: VerifyResult, *, color: bool) -> str:
     red, off = ("\x1b[31;1m", "\x1b[0m") if color else ("", "")
     s = rec.summary()
     start = rec.start_event
-    who = _printable(rec.identity)
-    lines = [f"session     {_printable(rec.session_id)}"]
+    who = printable(rec.identity)
+    lines = [f"session     {printable(rec.session_id)}"]
     if start is not None and start.groups:
-        who += f"  (groups: {_printable(', '.join(start.groups))})"
+        who += f"  (groups: {printable(', '.join(start.groups))})"
     if start is not None and start.actor:
         actor = start.actor if isinstance(start.actor, str) else json.dumps(start.actor)
-        who += f"  acting for {_printable(actor)}"
+        who += f"  acting for {printable(actor)}"
     lines.append(f"identity    {who}")
-    conn = _printable(rec.connection)
+    conn = printable(rec.connection)
     if start is not None:
-        client = _printable(str(start.client or "?"))
+        client = printable(str(start.client or "?"))
         if start.application_name:
-            client += f" ({_printable(start.application_name)})"
+            client += f" ({printable(start.application_name)})"
         conn += f"   client {client}"
         if start.tls is not None:
-            conn += f"   tls {_printable(json.dumps(start.tls))}"
+            conn += f"   tls {printable(json.dumps(start.tls))}"
     lines.append(f"connection  {conn}")
     if start is not None and start.policies:
         names = [p.get("name", p) if isinstance(p, dict) else p for p in start.policies]
-        lines.append(f"policies    {_printable(', '.join(str(n) for n in names))}")
+        lines.append(f"policies    {printable(', '.join(str(n) for n in names))}")
     when = f"{_when(s.start, seconds=True)} UTC"
     if s.end:
         when += f"  to {_when(s.end, seconds=True)} ({_span_s(s.start, s.end)})"
-        when += f": {_printable(s.end_reason or '?')}"
+        when += f": {printable(s.end_reason or '?')}"
         if s.recovered:
             when += " (closed by a restarted proxy)"
     else:
         when += "  still open (or not closed)"
     lines.append(f"time        {when}")
     refused = f"{red}{s.refused} refused{off}" if s.refused else "none refused"
-    lines.append(f"statements  {s.statements}, {refused}   level {_printable(s.level or '?')}")
+    lines.append(f"statements  {s.statements}, {refused}   level {printable(s.level or '?')}")
     verdict = _verdict(result)
     lines.append(f"recording   {verdict if result.ok else red + verdict + off}")
     lines.append("")
@@ -388,20 +317,20 @@ def _show_text(rec: Recording, result: VerifyResult, *, color: bool) -> str:
                 label = "REFUSED"
             elif view.initial_decision == "hold" and view.approval is None:
                 label = "held"
-            text = f"{label:<8} {_printable(e.statement or '')}"
+            text = f"{label:<8} {printable(e.statement or '')}"
             lines.append(head + (red + text + off if view.refused else text))
             info = []
             if e.classes:
                 info.append(", ".join(e.classes))
             if e.policy:
-                info.append(f"policy {_printable(e.policy)}")
+                info.append(f"policy {printable(e.policy)}")
             outcome = _outcome_text(view)
             if outcome:
                 info.append(outcome)
             lines.append(pad + " · ".join(info))
             if e.parameters is not None:
                 shown = ", ".join(
-                    f"${i}=" + ("NULL" if p is None else repr(_printable(p)))
+                    f"${i}=" + ("NULL" if p is None else repr(printable(p)))
                     for i, p in enumerate(e.parameters, 1)
                 )
                 lines.append(pad + f"parameters {shown or '(none)'}")
@@ -410,14 +339,14 @@ def _show_text(rec: Recording, result: VerifyResult, *, color: bool) -> str:
                 n = r.captured_rows if r.captured_rows is not None else len(r.rows or [])
                 lines.append(pad + f"{n} result rows recorded (see replay or export)")
         elif e.type == "session_start":
-            lines.append(head + f"{'start':<8} session start, level {_printable(e.level or '?')}")
+            lines.append(head + f"{'start':<8} session start, level {printable(e.level or '?')}")
         elif e.type == "session_end":
-            lines.append(head + f"{'end':<8} session end: {_printable(e.reason or '?')}")
+            lines.append(head + f"{'end':<8} session end: {printable(e.reason or '?')}")
         elif e.type == "approval":
             text = _approval_text(e).removeprefix("approval ")
             lines.append(head + f"{'approval':<8} {text} (for event {e.ref})")
         else:
-            lines.append(head + f"{_printable(e.type):<8} (event {e.ref})")
+            lines.append(head + f"{printable(e.type):<8} (event {e.ref})")
     return "\n".join(lines)
 
 
@@ -457,7 +386,7 @@ def _sessions_show(store: Store, args: argparse.Namespace, me: str) -> int:
         sys.stdout.flush()
         for line in rec.lines:
             if tty:
-                print(_printable(line.raw.decode("utf-8", "replace"), lines=True), flush=True)
+                print(printable(line.raw.decode("utf-8", "replace"), lines=True), flush=True)
             else:
                 sys.stdout.buffer.write(line.raw + b"\n")
         sys.stdout.flush()
@@ -489,17 +418,17 @@ def _sessions_replay(store: Store, args: argparse.Namespace, me: str) -> int:
         at = f"[+{(t - t0).total_seconds():8.3f}s]" if t and t0 else "[         ?]"
         indent = " " * (len(at) + 1)
         if e.type == "session_start":
-            client = _printable(str(e.client or "?"))
+            client = printable(str(e.client or "?"))
             out = [
-                f"{at} session {_printable(rec.session_id)}: {_printable(rec.identity)} on "
-                f"{_printable(rec.connection)} from {client}, level {_printable(e.level or '?')}"
+                f"{at} session {printable(rec.session_id)}: {printable(rec.identity)} on "
+                f"{printable(rec.connection)} from {client}, level {printable(e.level or '?')}"
             ]
         elif e.type == "statement":
             decision = (e.decision or "?").upper() if e.decision == "refuse" else e.decision
-            out = [f"{at} {decision or '?'}: {_printable(e.statement or '')}"]
+            out = [f"{at} {decision or '?'}: {printable(e.statement or '')}"]
             if e.parameters is not None:
                 shown = ", ".join(
-                    f"${i}=" + ("NULL" if p is None else repr(_printable(p)))
+                    f"${i}=" + ("NULL" if p is None else repr(printable(p)))
                     for i, p in enumerate(e.parameters, 1)
                 )
                 out.append(f"{indent}parameters {shown or '(none)'}")
@@ -512,9 +441,9 @@ def _sessions_replay(store: Store, args: argparse.Namespace, me: str) -> int:
             out = [f"{at} → {final}: {_outcome_text(view)}"]
             out += _rows_text(view, indent)
         elif e.type == "session_end":
-            out = [f"{at} session end: {_printable(e.reason or '?')}"]
+            out = [f"{at} session end: {printable(e.reason or '?')}"]
         else:
-            out = [f"{at} {_printable(e.type)} (event {e.seq})"]
+            out = [f"{at} {printable(e.type)} (event {e.seq})"]
         print("\n".join(out), flush=True)
     return 0
 
@@ -549,7 +478,7 @@ def _sessions_verify(store: Store, args: argparse.Namespace, me: str) -> int:
         if args.json:
             print(json.dumps(r.as_json()))
             continue
-        sid = _printable(r.session_id)
+        sid = printable(r.session_id)
         if r.ok:
             sig = {"valid": ", signature valid", "unchecked": ", signature not checked"}
             print(f"{sid}  ok ({r.events} events{sig.get(r.signature, '')})")
@@ -557,7 +486,7 @@ def _sessions_verify(store: Store, args: argparse.Namespace, me: str) -> int:
             first = f": first bad event {r.first_bad_seq}" if r.first_bad_seq is not None else ""
             print(f"{sid}  NOT INTACT{first}")
             for problem in r.problems:
-                print(f"    - {_printable(problem)}")
+                print(f"    - {printable(problem)}")
     bad = sum(not r.ok for r in results)
     if args.all and not args.json and results:
         print(f"{len(results)} sessions: {len(results) - bad} intact, {bad} NOT INTACT")

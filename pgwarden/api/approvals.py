@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
@@ -113,6 +114,20 @@ class ApprovalRequest(Model):
     created_at: UtcDateTime = Field(alias="createdAt")
     spec: ApprovalRequestSpec
     status: ApprovalRequestStatus = Field(default_factory=ApprovalRequestStatus)
+
+    @classmethod
+    def from_resource(cls, obj: Mapping[str, Any], name: str | None = None) -> ApprovalRequest:
+        """The ApprovalRequest custom resource as a request: no status yet is Pending; a
+        resource the server has not stamped (no creationTimestamp) counts as created now."""
+        meta = obj.get("metadata") or {}
+        return cls.model_validate(
+            {
+                "name": meta.get("name", name),
+                "createdAt": meta.get("creationTimestamp") or utcnow().isoformat(),
+                "spec": obj.get("spec"),
+                "status": obj.get("status") or {},
+            }
+        )
 
     def past_deadline(self, now: datetime | None = None) -> bool:
         """Still Pending although `expiresAt` has passed (nobody has written Expired yet)."""

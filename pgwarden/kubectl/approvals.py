@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from pgwarden.api.approvals import ApprovalRequest, ApprovalState, utcnow
 from pgwarden.api.resources import API_VERSION, APPROVAL_REQUEST
-from pgwarden.cli import _age, _approval_details, _printable, _shorten
+from pgwarden.display import age, approval_details, printable, shorten
 from pgwarden.kubectl.client import (
     PluginError,
     as_list,
@@ -51,19 +51,11 @@ STATEMENT_WIDTH = 60
 
 def parse(obj: Obj) -> ApprovalRequest:
     """The resource as the proxy reads it: an absent status is Pending."""
-    meta = obj.get("metadata") or {}
-    return ApprovalRequest.model_validate(
-        {
-            "name": meta.get("name"),
-            "createdAt": meta.get("creationTimestamp"),
-            "spec": obj.get("spec"),
-            "status": obj.get("status") or {},
-        }
-    )
+    return ApprovalRequest.from_resource(obj)
 
 
 def _until(moment: datetime, now: datetime) -> str:
-    return _age(now, moment) if moment > now else "expired"
+    return age(now, moment) if moment > now else "expired"
 
 
 async def list_approvals(args: argparse.Namespace, login: Login) -> int:
@@ -112,7 +104,7 @@ async def _show(api: Api, login: Login, args: argparse.Namespace, where: str) ->
     except ValidationError as e:
         raise PluginError(f"{what} is not a valid request: {validation_summary(e)}") from None
     print(f"namespace:   {login.namespace}")
-    print(_approval_details(req, now))
+    print(approval_details(req, now))
     return 0
 
 
@@ -129,15 +121,15 @@ def _approvals_table(
             ([str(obj["metadata"].get("namespace"))] if namespaces else [])
             + [
                 r.name,
-                _printable(r.spec.connection),
-                _printable(r.spec.requester.username),
+                printable(r.spec.connection),
+                printable(r.spec.requester.username),
                 ",".join(r.spec.classes),
-                _printable(r.spec.policy),
-                _age(r.created_at, now),
+                printable(r.spec.policy),
+                age(r.created_at, now),
                 _until(r.spec.expires_at, now) if pending else "-",
             ]
             + ([r.status.state.value] if states else [])
-            + [_shorten(_printable(r.spec.statement), STATEMENT_WIDTH)]
+            + [shorten(printable(r.spec.statement), STATEMENT_WIDTH)]
         )
     return table(rows)
 
@@ -175,7 +167,7 @@ async def decide(args: argparse.Namespace, login: Login) -> int:
             requester = req.spec.requester.username
             if decides_own(me, requester):
                 raise PluginError(
-                    f"you ({me}) made request {name} (requester {_printable(requester)}); "
+                    f"you ({me}) made request {name} (requester {printable(requester)}); "
                     "another person must decide it (four eyes)"
                 )
             try:
@@ -205,7 +197,7 @@ async def decide(args: argparse.Namespace, login: Login) -> int:
                 raise PluginError(f"{what} was deleted meanwhile")
             print(
                 f"{state.lower()} {name}: {', '.join(req.spec.classes)} on "
-                f"{_printable(req.spec.connection)}, requested by {_printable(requester)}; "
+                f"{printable(req.spec.connection)}, requested by {printable(requester)}; "
                 f"decidedBy {me}"
             )
             return 0

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from pgwarden.api.resources import API_VERSION, DATABASE_CONNECTION, ProxySpec
-from pgwarden.cli import _printable, _shorten
+from pgwarden.display import printable, shorten
 from pgwarden.kubectl.client import PluginError, as_list, calling, dump, open_api, table
 from pgwarden.kubectl.kubeconfig import Login
 from pgwarden_operator.k8s import Obj
@@ -81,7 +81,7 @@ async def status(args: argparse.Namespace, login: Login) -> int:
                 str(cond.get("status") or "Unknown"),
                 str(cond.get("reason") or ""),
                 ",".join(_dig(obj, "status", "policies") or []) or "<none>",
-                _shorten(_printable(str(cond.get("message") or "")), MESSAGE_WIDTH),
+                shorten(printable(str(cond.get("message") or "")), MESSAGE_WIDTH),
             ]
         )
     print(table(rows))

@@ -40,7 +40,6 @@ from pgwarden.api.approvals import (
     ApprovalRequestStatus,
     ApprovalState,
     new_request_name,
-    utcnow,
 )
 from pgwarden.api.resources import API_VERSION, APPROVAL_REQUEST, GROUP, VERSION
 from pgwarden_proxy.approvals.backend import (
@@ -288,14 +287,7 @@ class KubernetesApprovals:
         obj = await self._call(http, "GET", f"{self._collection}/{name}")
         meta = obj.get("metadata") or {}
         try:
-            req = ApprovalRequest.model_validate(
-                {
-                    "name": meta.get("name", name),
-                    "createdAt": meta.get("creationTimestamp") or utcnow().isoformat(),
-                    "spec": obj.get("spec"),
-                    "status": obj.get("status") or {},  # none yet: Pending
-                }
-            )
+            req = ApprovalRequest.from_resource(obj, name)
         except ValidationError as e:
             raise ApprovalError(
                 f"approvalrequest {name} in namespace {self.namespace} is not a valid approval "
