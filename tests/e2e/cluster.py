@@ -172,22 +172,12 @@ class Cluster:
         self.s3_client().create_bucket(Bucket=BUCKET)
 
     def install_connection(self) -> None:
-        """The DatabaseConnection and policies; then the proxy's environment for this cluster.
-
-        Two things a DatabaseConnection cannot say yet, set on the operator's Deployment: S3
-        credentials for MinIO (on EKS/GKE they come from the pod's identity) and trust in the
-        cluster CA, which signs the service-account issuer's certificate (public issuers need
-        none). The operator leaves fields it does not render alone, so they stay.
-        """
+        """The DatabaseConnection (MinIO credentials and the cluster CA included: see
+        README.md) and the policies; then wait for the proxy."""
         self.kubectl("apply", "-f", str(MANIFESTS / "pgwarden.yaml"))
         self.kubectl(
             "wait", f"databaseconnection/{CONNECTION}", "--for", "condition=Ready",
             "--timeout", "180s",
-        )  # fmt: skip
-        self.kubectl("set", "env", f"deployment/{PROXY}", "--from", "secret/minio-credentials")
-        self.kubectl(
-            "set", "env", f"deployment/{PROXY}",
-            "SSL_CERT_FILE=/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
         )  # fmt: skip
         self.kubectl("rollout", "status", f"deployment/{PROXY}", "--timeout", "300s")
         self.forward(PROXY, 5432)
