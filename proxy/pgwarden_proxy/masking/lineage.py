@@ -65,7 +65,7 @@ _Outputs = list[tuple[str, _Cols]]
 
 # Functions that run SQL passed as text (or read a whole relation or cursor by name): what
 # they return cannot be traced to columns.
-_SQL_TEXT_FUNCTIONS = frozenset(
+SQL_TEXT_FUNCTIONS = frozenset(
     {
         "query_to_xml",
         "query_to_xmlschema",
@@ -514,7 +514,7 @@ class _Analyzer:
                 # one appear, a Func whose SQL name is theirs)
                 func = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
                 name = str(func).lower()
-                if name in _SQL_TEXT_FUNCTIONS:
+                if name in SQL_TEXT_FUNCTIONS:
                     raise LineageUnknown(f"{name}() runs SQL given as text; its lineage is unknown")
                 if name in _SIDE_CHANNEL_FUNCTIONS:
                     raise LineageUnknown(f"{name}() passes values out of band; it is not traced")

@@ -30,41 +30,16 @@ from pglast.parser import normalize, parse_sql_json
 from pglast.stream import RawStream
 
 from pgwarden_proxy.masking.catalog import BUILTIN_SCHEMAS, Catalog, Relation
-from pgwarden_proxy.masking.lineage import LineageUnknown, lineage
+from pgwarden_proxy.masking.lineage import SQL_TEXT_FUNCTIONS, LineageUnknown, lineage
 from pgwarden_proxy.masking.rules import ColumnRule, MaskRules, strongest
 from pgwarden_proxy.sql.classify import StatementInfo
 
 log = logging.getLogger("pgwarden.masking")
 
-# Built-ins that read tables or run SQL they are given as text: their output escapes lineage.
-UNMASKABLE_FUNCTIONS = frozenset(
-    {
-        "query_to_xml",
-        "query_to_xmlschema",
-        "query_to_xml_and_xmlschema",
-        "table_to_xml",
-        "table_to_xmlschema",
-        "table_to_xml_and_xmlschema",
-        "cursor_to_xml",
-        "cursor_to_xmlschema",
-        "schema_to_xml",
-        "schema_to_xmlschema",
-        "schema_to_xml_and_xmlschema",
-        "database_to_xml",
-        "database_to_xmlschema",
-        "database_to_xml_and_xmlschema",
-        "dblink",
-        "dblink_exec",
-        "dblink_send_query",
-        "dblink_get_result",
-        "dblink_fetch",
-        "dblink_open",
-        "ts_stat",
-        "pg_get_keywords",
-        "lo_export",
-        "lo_get",
-        "loread",
-    }
+# Built-ins whose output escapes lineage: those that run SQL given as text or dump a relation
+# (lineage.py refuses them too), and those that read a relation or a large object by name.
+UNMASKABLE_FUNCTIONS = SQL_TEXT_FUNCTIONS | frozenset(
+    {"ts_stat", "pg_get_keywords", "lo_export", "lo_get", "loread"}
 )
 _CACHE_LIMIT = 10_000
 # A DO block is an anonymous function: like a function defined outside pg_catalog, its code can
