@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
+from collections.abc import Callable
 
 from pgwarden.api.config import Peers
 from pgwarden_proxy.wire import messages as m
@@ -20,6 +22,26 @@ from pgwarden_proxy.wire import messages as m
 log = logging.getLogger("pgwarden.proxy")
 
 PASS_ON_TIMEOUT = 2.0  # per peer: a cancel is worth little after that
+
+
+class PassOnBudget:
+    """At most `rate` pass-ons a second, in bursts of `burst`: a flood of made-up keys must not
+    make every replica open connections to all the others for each one."""
+
+    def __init__(
+        self, rate: float = 50.0, burst: float = 100.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens, self._at = burst, clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 async def addresses(peers: Peers, listen_port: int) -> set[tuple[str, int]]:

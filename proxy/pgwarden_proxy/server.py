@@ -99,6 +99,7 @@ class ProxyServer:
             self.metrics.recording(self.recorder)
         self.tls_context = server_tls_context(config)
         self.sessions: dict[int, Session] = {}  # by our backend pid
+        self._pass_on = peers.PassOnBudget()  # cancels passed on to the other replicas
         self.clients = 0
         self.draining = False
         self.port = 0
@@ -202,6 +203,9 @@ class ProxyServer:
         we do not know may belong to another replica (passed on once, see peers.py)."""
         session = self.sessions.get(pid)
         if session is None and not from_peer and self.config.peers.configured:
+            if not self._pass_on.take():
+                log.warning("cancel requests with unknown keys come too fast; not passed on")
+                return
             took = await peers.pass_on_cancel(
                 self.config.peers, self.config.listen.port, pid, secret
             )
