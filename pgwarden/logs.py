@@ -8,31 +8,53 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
-from datetime import UTC, datetime
+import time
 from typing import Any, TextIO
 
 import orjson
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_second: list[Any] = [None, ""]  # the last second formatted, and its text
+
+
+def _log_time(ts: float) -> str:
+    """`datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")` with a Z, the
+    date part formatted once a second (a record per statement): the same rounding (to the
+    microsecond, half to even), then the milliseconds cut."""
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    sec = int(whole)
+    if us >= 1_000_000:
+        sec += 1
+        us -= 1_000_000
+    elif us < 0:
+        sec -= 1
+        us += 1_000_000
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{us // 1000:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "time": _log_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        fields = record.__dict__
+        for key in [k for k in fields if k not in _STANDARD]:
+            if not key.startswith("_"):
+                out[key] = fields[key]
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        try:  # without OPT_NON_STR_KEYS (slower) unless a key needs it: the same text
+            return orjson.dumps(out, default=str).decode()
+        except TypeError:
+            return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 class BatchingStreamHandler(logging.StreamHandler[TextIO]):

@@ -90,8 +90,22 @@ class LogEventSink:
         self._statements = statements
 
     def statement(self, event: StatementEvent) -> None:
-        if self._statements and self._log.isEnabledFor(logging.INFO):
-            self._log.info("statement", extra={"event": event.as_dict()})
+        log = self._log
+        if self._statements and log.isEnabledFor(logging.INFO):
+            # what log.info("statement", extra=...) does, less finding the caller (a walk up
+            # the stack per statement, for record fields the JSON lines do not show)
+            record = log.makeRecord(
+                log.name,
+                logging.INFO,
+                "(unknown file)",
+                0,
+                "statement",
+                (),
+                None,
+                "(unknown function)",
+                {"event": event.as_dict()},
+            )
+            log.handle(record)
 
     def session(self, event: SessionEvent) -> None:
         self._log.info(event.type, extra={"event": event.as_dict()})

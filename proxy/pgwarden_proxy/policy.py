@@ -97,6 +97,12 @@ class EffectivePolicy:
     masking: MaskRules = field(default_factory=MaskRules)
     # "results" when any matching policy asks for it (more evidence is the stricter choice)
     recording_level: str = "statements"
+    # decide()'s answers by statement: id -> (the StatementInfo, its decision). The info is
+    # kept, so its id is not reused while its entry is here; most statements a session runs
+    # are the same objects again (the analyzer's cache, prepared statements).
+    _decided: dict[int, tuple[StatementInfo, Decision]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def combine(cls, policies: Sequence[NamedPolicy]) -> EffectivePolicy:
@@ -200,6 +206,17 @@ class EffectivePolicy:
         }
 
     def decide(self, st: StatementInfo) -> Decision:
+        """The decision on `st` (remembered: it depends only on the policy and `st`)."""
+        known = self._decided.get(id(st))
+        if known is not None and known[0] is st:
+            return known[1]
+        decision = self._decide(st)
+        if len(self._decided) >= 4096:
+            self._decided.clear()
+        self._decided[id(st)] = (st, decision)
+        return decision
+
+    def _decide(self, st: StatementInfo) -> Decision:
         what = st.command or "this statement"
         if not self.policies:  # a reload took this identity's last policy away
             return Decision(

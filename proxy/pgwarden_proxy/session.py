@@ -85,6 +85,9 @@ _COMMITS = frozenset({"COMMIT", "PREPARE TRANSACTION", "COMMIT PREPARED"})
 _STAYS_IN_BLOCK = frozenset({"BEGIN", "START TRANSACTION", "SAVEPOINT"})
 # what masking looks at: COPY rows, RowDescription, CopyOutResponse (rows come as `Rows`)
 _MASKED_TYPES = frozenset(b"dTH")
+# Kind members as module constants: `Kind.X` is a slow attribute lookup on an enum class
+_BIND, _SYNC, _EXECUTE = Kind.BIND, Kind.SYNC, Kind.EXECUTE
+_DESCRIBE_STATEMENT, _DESCRIBE_PORTAL = Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL
 _UNKNOWN_STATEMENT = StatementInfo(
     text="",
     fingerprint=None,
@@ -144,6 +147,7 @@ class Session:
     def __init__(self, server: ProxyServer, client: Endpoint, peer: str) -> None:
         self.server = server
         self.cfg = server.config
+        self._metrics = server.metrics
         self.client = client
         self.peer = peer
         self.id = uuid.uuid4().hex
@@ -453,7 +457,7 @@ class Session:
         self.client.start_relay(self._on_client_data, self._on_client_closed)
 
     def _on_client_data(self, data: bytes) -> None:
-        self.server.metrics.bytes_to_server.inc(len(data))
+        self._metrics.to_server_bytes += len(data)
         if self._client_items is not None:  # waiting (approval, catalog): keep it for later
             self._client_backlog.append(data)
             return
@@ -530,24 +534,24 @@ class Session:
             self._portals[bind.portal] = entry
             if self._described == bind.portal:
                 self._described = None
-            self.tracker.request(Kind.BIND)
+            self.tracker.request(_BIND)
         elif t == 69:  # E Execute
             return self._execute(msg, out)
         elif t == 83:  # S Sync
-            self.tracker.request(Kind.SYNC)
+            self.tracker.request(_SYNC)
         elif t == 80:  # P Parse
             return self._parse(msg, out)
         elif t == 81:  # Q Query
             return self._query(msg, out)
         elif t == 68:  # D Describe
-            what, name = msg.body[:1], m.Reader(msg.body[1:]).cstring()
+            what, name = msg.body[:1], m.cstring_at(msg.body, 1)
             plan: StatementPlan | None = None
             if what == b"S":
-                kind = Kind.DESCRIBE_STATEMENT
+                kind = _DESCRIBE_STATEMENT
                 prepared = self._prepared.get(name)
                 plan = prepared.plans[0] if prepared else None
             else:
-                kind = Kind.DESCRIBE_PORTAL
+                kind = _DESCRIBE_PORTAL
                 self._described = name
                 portal = self._portals.get(name)
                 plan = portal.plan if portal else None
@@ -597,7 +601,7 @@ class Session:
         return None
 
     def _execute(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
-        name = m.Reader(msg.body).cstring()
+        name = m.cstring_at(msg.body, 0)
         described, self._described = self._described, None  # one Describe, one Execute
         portal = self._portals.get(name)
         if portal is None:
@@ -609,7 +613,8 @@ class Session:
             self._request(Kind.EXECUTE, [op], refusal=decision.error)
             out.append(_POISON)
             return None
-        op.undo = self._record(info, plan)
+        if info.prepares is not None or info.deallocates is not None:
+            op.undo = self._record(info, plan)
         forward: list[bytes] = []
         if self.policy.masking and described != name:
             # the rows' columns decide what is masked: ask for them (unless the client just
@@ -619,14 +624,14 @@ class Session:
         if decision.hold is not None:
             return self._hold(Kind.EXECUTE, [op], decision, forward, info, params)
         self._send_execute(op, forward, out)
-        if _PARSER_SETTINGS & info.settings:
+        if info.settings and _PARSER_SETTINGS & info.settings:
             return self._until_idle()
         return None
 
     def _send_execute(self, op: Op, forward: list[bytes], out: list[bytes]) -> None:
         if len(forward) > 1:
-            self.tracker.request(Kind.DESCRIBE_PORTAL, plan=op.plan, internal=True)
-        self._request(Kind.EXECUTE, [op])
+            self.tracker.request(_DESCRIBE_PORTAL, plan=op.plan, internal=True)
+        self._request(_EXECUTE, [op])
         out.extend(forward)
 
     def _query(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
@@ -1034,21 +1039,22 @@ class Session:
             if unrecordable is not None:
                 decision = Decision(False, None, unrecordable)
         self.statements += 1
-        ev = StatementEvent(
-            session_id=self.id,
-            connection=self.cfg.connection,
-            identity=identity.username,
-            statement=redact(info.text),
-            fingerprint=info.fingerprint,
-            classes=tuple(sorted(info.classes)),
-            command=info.command,
-            parameters=params,
-            protocol=protocol,
-            decision=decision.word,
-            policy=decision.policy,
-            start=time.time(),
+        _, statement, classes = _shown(info)
+        ev = StatementEvent(  # positional (once per statement): in the order of its fields
+            self.id,  # session_id
+            self.cfg.connection,
+            identity.username,
+            statement,
+            info.fingerprint,
+            classes,
+            info.command,
+            params,
+            protocol,
+            decision.word,
+            decision.policy,
+            time.time(),  # start
         )
-        return Op(ev, plan=plan), decision
+        return Op(ev, 0.0, plan), decision
 
     def _refresh_policy(self) -> None:
         """Take the identity's effective policy (at login, and after each reload)."""
@@ -1068,7 +1074,7 @@ class Session:
     def _statement_done(self, ev: StatementEvent) -> None:
         if ev.error is None and ("ddl" in ev.classes or "drop" in ev.classes):
             self.server.catalog.invalidate()  # masking must see the new columns and views
-        self.server.metrics.statement(ev.classes, ev.decision, ev.duration_ms / 1000.0)
+        self._metrics.statement(ev.classes, ev.decision, ev.duration_ms / 1000.0)
         self.server.sink.statement(ev)
         if self._rec is not None and ev.seq:
             self._rec.outcome(ev)
@@ -1156,8 +1162,9 @@ class Session:
         hazard: str | None = None
         scanner = self._server_scanner
         capture = self._capture
+        rewriter = self._rewriter  # changes only with the policy, on the client's side
         try:
-            for item in self._server_scanner.feed(data):
+            for item in scanner.feed(data):
                 if type(item) is bytes:
                     out.append(item)
                     continue
@@ -1170,9 +1177,9 @@ class Session:
                     continue
                 assert isinstance(item, Message)
                 t = item.type
-                if (t == 69 or t == 78) and self._rewriter is not None:  # E, N
+                if (t == 69 or t == 78) and rewriter is not None:  # E, N
                     item = self._server_report(item)  # before the tracker records it
-                if t in _MASKED_TYPES and self._rewriter is not None:
+                if t in _MASKED_TYPES and rewriter is not None:
                     item = self._mask(item)
                 elif t in _STATEMENT_END:
                     if scanner.row_budget is not None or self._max_rows is not None:
@@ -1184,7 +1191,7 @@ class Session:
                 reply = server(item)
                 if reply is not None:
                     out.append(reply)
-                if item.type == 83:  # S ParameterStatus
+                if t == 83:  # S ParameterStatus (the type of a replaced message is the same)
                     hazard = self._parameter_status(item.body) or hazard
         except ProtocolViolation as e:
             if out:
@@ -1196,7 +1203,7 @@ class Session:
             return
         if out:
             self.client.writelines(out)
-            self.server.metrics.bytes_to_client.inc(len(data))
+            self._metrics.to_client_bytes += len(data)
         if hazard is not None:
             # A SET after login can do what the startup checks refuse: end the session before
             # the proxy misreads a later statement.
@@ -1449,6 +1456,22 @@ class Session:
         log.info("session ended", extra={"session_id": self.id, "reason": self.end_reason})
 
 
+# What the events of a statement show of it, worked out once per StatementInfo: its text with
+# secrets redacted and its classes in order. By id; the info is kept, so its id is not reused
+# while its entry is here (the analyzer's cache and prepared statements give the same objects).
+_SHOWN: dict[int, tuple[StatementInfo, str, tuple[str, ...]]] = {}
+
+
+def _shown(info: StatementInfo) -> tuple[StatementInfo, str, tuple[str, ...]]:
+    known = _SHOWN.get(id(info))
+    if known is not None and known[0] is info:
+        return known
+    if len(_SHOWN) >= 4096:
+        _SHOWN.clear()
+    known = _SHOWN[id(info)] = (info, redact(info.text), tuple(sorted(info.classes)))
+    return known
+
+
 def _must_sync(ev: StatementEvent, in_block: bool) -> bool:
     """Whether a statement may run only once its event is fsynced (safe from a machine crash),
     rather than once it is written (safe from a killed proxy; fsynced within 50 ms).
@@ -1462,9 +1485,9 @@ def _must_sync(ev: StatementEvent, in_block: bool) -> bool:
     if ev.decision == "hold" or ev.command in _COMMITS:
         return True
     classes = ev.classes
-    if all(c in _NO_EFFECT for c in classes):
+    if _NO_EFFECT.issuperset(classes):
         return False
-    return not (in_block and all(c in _UNDONE_BY_ROLLBACK for c in classes))
+    return not (in_block and _UNDONE_BY_ROLLBACK.issuperset(classes))
 
 
 def _whole_query(infos: Sequence[StatementInfo]) -> StatementInfo:

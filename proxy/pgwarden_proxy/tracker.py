@@ -42,6 +42,8 @@ class Kind(IntEnum):
 
 _SIMPLE = (Kind.SYNC, Kind.QUERY)
 _DESCRIBE = (Kind.DESCRIBE_STATEMENT, Kind.DESCRIBE_PORTAL)
+# as module constants: `Kind.X` is a slow attribute lookup on an enum class
+_PARSE, _BIND, _EXECUTE, _CLOSE, _SYNC = Kind.PARSE, Kind.BIND, Kind.EXECUTE, Kind.CLOSE, Kind.SYNC
 
 
 @dataclass(slots=True)
@@ -62,7 +64,6 @@ class Pending:
     ops: list[Op] = field(default_factory=list)
     index: int = 0
     refusal: ErrorInfo | None = None  # our error replaces the server's answer to this request
-    got_parameter_description: bool = False
     plan: StatementPlan | None = None  # Describe: the masking plan of what is described
     internal: bool = False  # our own Describe (masking needs the columns): its answer is ours
     undo: Callable[[], None] | None = None  # Parse, Close: reverted if the server skips or fails it
@@ -71,6 +72,10 @@ class Pending:
     def op(self) -> Op | None:
         return self.ops[self.index] if self.index < len(self.ops) else None
 
+
+# A request with nothing attached (no statements, refusal, plan or undo): nothing in it ever
+# changes, so one Pending per kind serves them all (two or three per statement saved).
+_BARE = {kind: Pending(kind) for kind in Kind}
 
 Emit = Callable[[StatementEvent], None]
 
@@ -102,24 +107,30 @@ class Tracker:
         internal: bool = False,
         undo: Callable[[], None] | None = None,
     ) -> None:
-        p = Pending(kind, ops or [], refusal=refusal, plan=plan, internal=internal, undo=undo)
-        if p.ops:
+        if ops:
+            p = Pending(kind, ops, 0, refusal, plan, internal, undo)  # positional: cheaper
             # a pipelined statement's clock starts when it is sent, queueing included
-            p.ops[0].t0 = time.perf_counter()
+            ops[0].t0 = time.perf_counter()
+        elif refusal is None and plan is None and undo is None and not internal:
+            p = _BARE[kind]
+        else:
+            p = Pending(kind, [], refusal=refusal, plan=plan, internal=internal, undo=undo)
         self.pending.append(p)
 
     # ------------------------------------------------------------------ server side
     def server(self, msg: Message) -> bytes | None:
         """Account for one backend message; returns the bytes to send the client (None: drop)."""
-        head = self.pending[0] if self.pending else None
-        if head is not None and (msg.rows or msg.row_bytes):
-            op = head.op
-            if op is not None:
-                op.event.rows += msg.rows
-                op.event.bytes += msg.row_bytes
+        pending = self.pending
+        head = pending[0] if pending else None
         t = msg.type
-        if head is not None and head.refusal is not None:
-            return self._refused(head, msg)
+        if head is not None:
+            if msg.rows or msg.row_bytes:
+                op = head.op
+                if op is not None:
+                    op.event.rows += msg.rows
+                    op.event.bytes += msg.row_bytes
+            if head.refusal is not None:
+                return self._refused(head, msg)
         if t == 90:  # Z ReadyForQuery
             self.transaction_status = msg.body[:1]
             self._ready()
@@ -136,15 +147,13 @@ class Tracker:
         elif t == 69:  # E ErrorResponse
             self._error(head, msg.body)
         elif t == 49:  # 1 ParseComplete
-            self._pop(head, Kind.PARSE)
+            self._pop(head, _PARSE)
         elif t == 50:  # 2 BindComplete
-            self._pop(head, Kind.BIND)
+            self._pop(head, _BIND)
         elif t == 51:  # 3 CloseComplete
-            self._pop(head, Kind.CLOSE)
-        elif t == 116:  # t ParameterDescription
-            head.got_parameter_description = True
+            self._pop(head, _CLOSE)
         elif (t == 84 or t == 110) and head.kind in _DESCRIBE:  # T RowDescription, n NoData
-            self.pending.popleft()
+            pending.popleft()
             if head.internal:
                 return None
         # anything else (copy responses, notices, ...) needs no bookkeeping
@@ -184,14 +193,13 @@ class Tracker:
         self._emit(ev)
 
     def _complete(self, head: Pending, tag: str | None) -> None:
-        op = head.op
-        if op is not None:
-            self._finish(op, tag, None)
-            head.index += 1
-            nxt = head.op
-            if nxt is not None:
-                nxt.t0 = time.perf_counter()
-        if head.kind is Kind.EXECUTE:
+        ops, i = head.ops, head.index
+        if i < len(ops):
+            self._finish(ops[i], tag, None)
+            head.index = i = i + 1
+            if i < len(ops):
+                ops[i].t0 = time.perf_counter()
+        if head.kind is _EXECUTE:
             self.pending.popleft()
 
     def _error(self, head: Pending, body: bytes) -> None:
@@ -221,6 +229,12 @@ class Tracker:
             self._undo(dropped)
 
     def _ready(self) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        if pending[0].kind in _SIMPLE:  # the common case: nothing skipped
+            pending.popleft()
+            return
         dropped: list[Pending] = []
         while self.pending:
             p = self.pending.popleft()

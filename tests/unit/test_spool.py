@@ -144,7 +144,7 @@ class Harness:
         return recovered
 
     def append(self, record: tuple[bytes, Track]) -> int:
-        return self.spool.append(*record, now=True, sync=True)
+        return self.spool.append(*record, sync=True)
 
     def append_durable(self, record: tuple[bytes, Track]) -> int:
         ticket = self.append(record)
@@ -743,3 +743,50 @@ async def test_a_manifest_lost_in_a_crash_is_written_by_the_next_start(tmp_path:
         1,
         False,
     )
+
+
+async def test_event_lines_are_exactly_what_encode_event_makes(tmp_path: Path) -> None:
+    """SessionRecorder builds each line from pre-encoded parts: the bytes must be those of
+    `encode_event` of the whole event (what the chain hashes and readers parse)."""
+    recorder = Recorder(
+        recording_config(tmp_path / "spool", tmp_path / "sink"),
+        CONNECTION,
+        FileStore(tmp_path / "sink"),
+    )
+    lines: list[bytes] = []
+
+    class Spy:
+        def append(self, line: bytes, track: Any, *, sync: bool = False) -> int:
+            lines.append(line)
+            return len(lines)
+
+        def append_internal(self, kind: str, body: dict[str, Any]) -> int:
+            return 0
+
+    recorder.spool = Spy()  # type: ignore[assignment]
+    sid = 'sess "ü" \\ 1'
+    rec = recorder.open_session(sid, 'b"ö t@example.com', "statements", {"client": "::1"})
+    ev = statement(sid, "SELECT 'ä\"\n\u2028'")
+    ev.classes = ("read", "write")
+    ev.parameters = ["1", None]
+    rec.statement(ev, sync=False)
+    ev.error = {"sqlstate": "22P02", "message": 'invalid input "x"'}
+    ev.duration_ms = 1.23456
+    rec.outcome(ev)
+    rec._append("approval", {})
+    rec.end("client terminated", statements=1, duration_s=0.25)
+    prev = genesis(sid)
+    for line in lines:
+        event = json.loads(line)
+        assert encode_event(event) == line
+        assert event["prev"] == prev
+        prev = event_hash(line)
+    assert [json.loads(line)["type"] for line in lines] == [
+        "session_start",
+        "statement",
+        "outcome",
+        "approval",
+        "session_end",
+    ]
+    assert json.loads(lines[1])["time"] == iso(ev.start)
+    assert rec.hash == prev

@@ -8,15 +8,18 @@ then (see docs/recording.md).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
+
+import orjson
 
 from pgwarden.api.config import Recording
-from pgwarden.recording.format import VERSION, encode_event, event_hash, genesis, iso
+from pgwarden.recording.format import VERSION, EventType, encode_event, genesis, iso
 from pgwarden.recording.s3 import S3Store
 from pgwarden.recording.store import FileStore, Store
 from pgwarden_proxy.events import StatementEvent
@@ -25,6 +28,17 @@ from pgwarden_proxy.recording.spool import Spool, SpoolError, Track, session_met
 from pgwarden_proxy.wire.messages import ErrorInfo
 
 log = logging.getLogger("pgwarden.recording")
+
+# An event line: `encode_event` of {"v", "seq", "prev", "time", "type", "sessionId", "connection",
+# "identity", **fields}, built from its parts (see SessionRecorder)
+_LINE = b'{"v":' + str(VERSION).encode() + b',"seq":%d,"prev":"%b","time":"%b.%06dZ",%b%b%b'
+_TYPES = {t: b'"type":"%b",' % t.encode() for t in get_args(EventType)}
+_COMMON = frozenset(("v", "seq", "prev", "time", "type", "sessionId", "connection", "identity"))
+_ISO_SECOND = "%Y-%m-%dT%H:%M:%S"  # `iso` of a whole second
+_second: list[Any] = [-1, b""]  # the last whole second formatted (as `iso` does), and its text
+_time, _gmtime, _strftime = time.time, time.gmtime, time.strftime
+_sha256 = hashlib.sha256
+_dumps, _NON_STR_KEYS = orjson.dumps, orjson.OPT_NON_STR_KEYS
 
 Waiter = Callable[[bool], None]
 
@@ -86,7 +100,7 @@ class Recorder:
         for sid, left in recovered.items():
             meta = left.meta
             rec = SessionRecorder(self, sid, meta["connection"], meta["identity"], "statements")
-            rec.seq, rec.hash, rec.start_iso = left.seq, left.hash, meta["start"]
+            rec.resume(left.seq, left.hash, meta["start"])
             rec.end(
                 "the proxy stopped before the session ended (closed by the restarted proxy)",
                 statements=None,
@@ -147,7 +161,10 @@ class Recorder:
 
     def refusal(self) -> ErrorInfo | None:
         """Why new statements must not run now (fail closed), or None."""
-        failed = self.failed or self.spool.failed
+        spool = self.spool
+        if self.failed is None and spool.failed is None and spool.stats.bytes < spool.max_bytes:
+            return None  # (asked before every statement)
+        failed = self.failed or spool.failed
         if failed is not None:
             return ErrorInfo(
                 "58030",
@@ -177,9 +194,15 @@ class Recorder:
 
 
 class SessionRecorder:
-    """One session's chain: seq, the hash of the last event, and the events it appends."""
+    """One session's chain: seq, the hash of the last event, and the events it appends.
+
+    An event's line is built as bytes from parts that stay the same for the whole session
+    (encoded once) and the JSON of its own fields: exactly the bytes `encode_event` makes of the
+    whole event (keys in the same order, same encoding), at a fraction of the cost per event."""
 
     __slots__ = (
+        "_ids",
+        "_prev",
         "connection",
         "hash",
         "identity",
@@ -201,8 +224,20 @@ class SessionRecorder:
         self.level = level
         self.seq = 0
         self.hash = genesis(session_id)
+        self._prev = self.hash.encode()  # `hash`, as it goes into the next event's `prev`
+        # `"sessionId":…,"connection":…,"identity":…,`, as `encode_event` encodes them
+        self._ids = (
+            encode_event({"sessionId": session_id, "connection": connection, "identity": identity})[
+                1:-1
+            ]
+            + b","
+        )
         self.start_iso = ""
         self.statements = 0
+
+    def resume(self, seq: int, hash_: str, start_iso: str) -> None:
+        """Continue a chain that a previous process left at `seq`, `hash_`."""
+        self.seq, self.hash, self._prev, self.start_iso = seq, hash_, hash_.encode(), start_iso
 
     def _append(
         self,
@@ -210,40 +245,52 @@ class SessionRecorder:
         fields: dict[str, Any],
         t: float | None = None,
         *,
-        now: bool = False,
         sync: bool = False,
     ) -> int:
-        """Chain and spool one event; returns its ticket (-1: the spool failed). `now`, `sync`:
-        see `Spool.append`."""
-        when = iso(time.time() if t is None else t)
-        self.seq += 1
-        event = {
-            "v": VERSION,
-            "seq": self.seq,
-            "prev": self.hash,
-            "time": when,
-            "type": type_,
-            "sessionId": self.session_id,
-            "connection": self.connection,
-            "identity": self.identity,
-            **fields,
-        }
-        line = encode_event(event)
-        self.hash = event_hash(line)
-        meta = None
-        if type_ == "session_start":
-            self.start_iso = when
-            meta = session_meta(self.session_id, self.connection, self.identity, when)
-        track = Track(self.session_id, self.seq, self.hash, meta, type_ == "session_end")
+        """Chain and spool one event; returns its ticket (-1: the spool failed). `sync`: see
+        `Spool.append`."""
+        if t is None:
+            t = _time()
+        sec = int(t)
+        if sec != _second[0]:
+            _second[0], _second[1] = sec, _strftime(_ISO_SECOND, _gmtime(sec)).encode()
+        seq = self.seq + 1
+        body = _dumps(fields, default=str, option=_NON_STR_KEYS)
+        line = _LINE % (
+            seq,
+            self._prev,
+            _second[1],
+            int((t - sec) * 1_000_000),
+            _TYPES[type_],
+            self._ids,
+            body[1:],
+        )
+        if len(body) == 2:  # no fields: no comma after the identity
+            line = line[:-2] + b"}"
+        h = _sha256(line).hexdigest()
+        self.seq, self.hash, self._prev = seq, h, h.encode()
+        if type_ == "session_start" or type_ == "session_end":
+            track: Track | tuple[str, int, str] = self._track(type_, line)
+        else:
+            track = (self.session_id, seq, h)
         try:
-            return self.recorder.spool.append(line, track, now=now, sync=sync)
+            return self.recorder.spool.append(line, track, sync=sync)
         except SpoolError as e:
             log.error(
                 "recording: event lost", extra={"session_id": self.session_id, "error": str(e)}
             )
             return -1
 
+    def _track(self, type_: str, line: bytes) -> Track:
+        meta = None
+        if type_ == "session_start":
+            self.start_iso = orjson.loads(line)["time"]
+            meta = session_meta(self.session_id, self.connection, self.identity, self.start_iso)
+        return Track(self.session_id, self.seq, self.hash, meta, type_ == "session_end")
+
     def begin(self, details: dict[str, Any]) -> int:
+        if not _COMMON.isdisjoint(details):
+            raise ValueError(f"session details must not name {sorted(_COMMON & details.keys())}")
         return self._append("session_start", {**details, "level": self.level})
 
     def statement(self, ev: StatementEvent, *, sync: bool) -> int:
@@ -256,14 +303,13 @@ class SessionRecorder:
                 "statement": ev.statement,
                 "parameters": ev.parameters,
                 "fingerprint": ev.fingerprint,
-                "classes": list(ev.classes),
+                "classes": ev.classes,  # (a tuple is a JSON array)
                 "command": ev.command,
                 "protocol": ev.protocol,
                 "decision": ev.decision,
                 "policy": ev.policy,
             },
             ev.start,
-            now=True,
             sync=sync,
         )
         ev.seq = self.seq
@@ -281,7 +327,6 @@ class SessionRecorder:
                 "comment": a.get("comment"),
                 "decision": ev.decision,
             },
-            now=True,
             sync=True,
         )
 

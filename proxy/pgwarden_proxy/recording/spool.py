@@ -1,7 +1,8 @@
 """The recording spool: an append-only local log of framed, checksummed records.
 
-Records are appended from the event loop into a buffer; one writer thread writes and fsyncs
-whatever has accumulated (group commit) and reports the highest durable ticket. The log is cut
+Records are appended from the event loop straight into the open segment (a mapped file); one
+writer thread fsyncs whatever has accumulated (group commit) and reports the highest durable
+ticket. The log is cut
 into segments: the open one is sealed (renamed `.seg`) at a size or an age, and the shipper
 uploads and deletes sealed ones. Every segment begins with a checkpoint of the sessions open at
 that point, so a restarted proxy can close the sessions its predecessor left open.
@@ -38,9 +39,13 @@ MAGIC = b"PW"
 _HEAD = struct.Struct(">2sII")
 MAX_PAYLOAD = 256 * 1024 * 1024  # limits.maxMessageBytes at most: a statement's text fits
 HEADROOM = 1024 * 1024
-# how long a record nobody waits for (a statement's outcome, a session's end) may stay
-# unwritten, and a written one unsynced; an urgent record takes them along earlier
+# how long a record nobody waits for (a read, a statement's outcome, a session's end) may stay
+# unsynced; an urgent record takes them along earlier
 LAZY_SECONDS = 0.05
+
+
+_crc32 = zlib.crc32
+_monotonic = time.monotonic
 
 
 def frame(payload: bytes) -> bytes:
@@ -130,7 +135,7 @@ def _manifest_of(session: OpenSession, end: dict[str, Any], final_hash: str) -> 
     }
 
 
-@dataclass
+@dataclass(slots=True)
 class _Segment:
     """The open segment: a file of reserved size, mapped, so that writing a record is a copy
     into the page cache (which outlives a killed process) and not a system call."""
@@ -184,14 +189,9 @@ class Spool:
         # `with self._lock` on the hot path (a Condition's own __enter__ is Python code)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # records not yet written (nobody waits for them), with their effect on `_open`
-        self._buf: list[bytes] = []
-        self._buf_tracks: list[Track | None] = []
-        self._buf_bytes = 0
-        self._buf_since = 0.0  # monotonic time of the oldest buffered record
-        self._tickets = 0  # records appended
+        self._tickets = 0  # records appended (each written to the open segment at once)
         self._written = 0  # records written to a segment file (safe from a killed process)
-        self._written_since = 0.0
+        self._written_since = 0.0  # when the oldest record not yet fsynced was written
         self._synced = 0  # records fsynced (safe from a machine crash)
         self._reported = 0  # the highest ticket given to on_durable
         self._sync_wanted = False  # an urgent record waits for an fsync
@@ -291,54 +291,73 @@ class Spool:
         return self.stats.bytes >= self.max_bytes
 
     def append(
-        self, payload: bytes, track: Track | None = None, *, now: bool = False, sync: bool = False
+        self,
+        payload: bytes,
+        track: Track | tuple[str, int, str] | None = None,
+        *,
+        sync: bool = False,
     ) -> int:
-        """Add a record; returns its ticket, durable once `on_durable` reported it.
+        """Add a record; returns its ticket, durable once `on_durable` reported it. `track`: its
+        effect on the open sessions; a tuple (session id, seq, hash) for an event that only moves
+        its session's chain on.
 
-        `now`: written to the segment file at once, in the caller's thread, so that a killed
-        process cannot lose it (a statement about to run). `sync`: also fsynced at once (group
-        commit: one fsync covers every record written meanwhile), for a caller that waits for
-        it. Otherwise the record is written with the next such record, or by the writer within
-        LAZY_SECONDS, and fsynced within LAZY_SECONDS of its write."""
-        data = frame(payload)
+        Every record is written to the open segment at once, in the caller's thread (a copy into
+        the mapped file), so that a killed process cannot lose it. `sync`: also fsynced at once
+        (group commit: one fsync covers every record written meanwhile), for a caller that
+        waits for it; otherwise it is fsynced within LAZY_SECONDS of its write."""
+        data = _HEAD.pack(MAGIC, len(payload), _crc32(payload)) + payload  # frame(payload)
+        n = len(data)
         with self._lock:
             if self.failed is not None:
                 raise SpoolError(self.failed)
-            if self.stats.bytes > self.hard_limit:
+            stats = self.stats
+            if stats.bytes > self.hard_limit:
                 # past `full`, only what is in flight is still taken (outcomes, refusals,
                 # session ends); a client that keeps trying is stopped here
                 raise SpoolError(f"the recording spool is over its bound ({self.max_bytes} bytes)")
-            if not self._buf:
-                self._buf_since = time.monotonic()
-            self._buf.append(data)
-            self._buf_tracks.append(track)
-            self._buf_bytes += len(data)
-            self.stats.bytes += len(data)
-            self._tickets += 1
-            if now or sync:
+            seg = self._segment
+            if seg is None or seg.size + n > seg.capacity:
                 try:
-                    fresh = self._write_buffered()
+                    self._rotate(n)  # (the writer rotates earlier, unless writes outrun it)
                 except OSError as e:
                     self._fail(f"the recording spool cannot be written ({self.dir}: {e})")
                     raise SpoolError(self.failed or "") from e
-                if sync and not self._sync_wanted:
+                seg = self._segment
+                assert seg is not None
+            if not seg.records:
+                seg.first = _monotonic()
+            start = seg.size
+            seg.map[start : start + n] = data
+            seg.size = start + n
+            seg.records += 1
+            stats.bytes += n
+            stats.appended += 1
+            self._tickets = self._written = ticket = self._tickets + 1
+            if track is not None:
+                if track.__class__ is tuple:  # most events: the chain moves on
+                    sid, seq, hash_ = track
+                    session = self._open.get(sid)
+                    if session is not None:
+                        session.seq, session.hash = seq, hash_
+                else:
+                    _apply(self._open, track)  # type: ignore[arg-type]
+            if sync:
+                if not self._sync_wanted:
                     self._sync_wanted = True
                     self._cond.notify()
-                elif fresh and self._wakes_at > time.monotonic() + LAZY_SECONDS:
+            elif ticket - 1 == self._synced:  # the first record the next fsync is for
+                t = self._written_since = _monotonic()
+                if self._wakes_at > t + LAZY_SECONDS:
                     self._cond.notify()  # the writer times the lazy fsync from now
-                elif self._wakes_at and self._segment_full():
-                    self._cond.notify()  # time to seal it
-            elif self._wakes_at > time.monotonic() + LAZY_SECONDS:
-                # the writer times the lazy write from now (when it is awake, or wakes in time
-                # anyway, waking it would cost a thread switch per statement for nothing)
-                self._cond.notify()
-            return self._tickets
+            elif self._wakes_at and seg.size >= self.segment_bytes:
+                self._cond.notify()  # time to seal it
+            return ticket
 
     def append_internal(self, kind: str, body: dict[str, Any]) -> int:
         return self.append(json.dumps({"spool": kind, **body}, separators=(",", ":")).encode())
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is buffered, seal the open segment, stop the writer."""
+        """Seal the open segment, stop the writer."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -348,50 +367,13 @@ class Spool:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _write_buffered(self) -> bool:
-        """Write the buffered records to the open segment (holding the condition); True when
-        nothing written before was waiting for an fsync."""
-        buf = self._buf
-        count = len(buf)
-        data = buf[0] if count == 1 else b"".join(buf)
-        n = len(data)
-        seg = self._segment
-        if seg is None or seg.size + n > seg.capacity:
-            self._rotate(n)  # (the writer rotates earlier, unless writes outrun it)
-            seg = self._segment
-            assert seg is not None
-        if not seg.records:
-            seg.first = time.monotonic()
-        fresh = self._written == self._synced
-        if fresh:
-            self._written_since = time.monotonic()
-        seg.put(data)
-        seg.records += count
-        open_sessions = self._open
-        for track in self._buf_tracks:
-            if track is None:
-                continue
-            if track.meta is None and not track.end:  # most events: the chain moves on
-                session = open_sessions.get(track.session_id)
-                if session is not None:
-                    session.seq, session.hash = track.seq, track.hash
-                continue
-            _apply(open_sessions, track)
-        self.stats.appended += count
-        self._written = self._tickets
-        buf.clear()
-        self._buf_tracks.clear()
-        self._buf_bytes = 0
-        return fresh
-
     def _ready(self) -> bool:
         """Whether the writer has work now (called holding the condition)."""
         if self._sync_wanted or self._stopping or self._due() or self._synced > self._reported:
             return True
-        now = time.monotonic()
-        if self._buf and now - self._buf_since >= LAZY_SECONDS:
-            return True
-        return self._written > self._synced and now - self._written_since >= LAZY_SECONDS
+        return (
+            self._written > self._synced and time.monotonic() - self._written_since >= LAZY_SECONDS
+        )
 
     def _run(self) -> None:
         while True:
@@ -404,18 +386,22 @@ class Spool:
                         self._wakes_at = 0.0
                     self._sync_wanted = False
                     stopping = self._stopping
-                    if self._buf:
-                        self._write_buffered()
                     ticket = self._written
                     seg = self._segment
                     unsynced = ticket > self._synced
+                    # what is written from now on waits for the next fsync: its LAZY_SECONDS
+                    # count from here at the latest (not from the oldest record this one covers)
+                    written_after = _monotonic()
                 if unsynced and seg is not None:
                     t0 = time.perf_counter()
                     os.fdatasync(seg.fd)  # without the lock: appends go on meanwhile
                     self.stats.fsync_seconds += time.perf_counter() - t0
                     self.stats.batches += 1
                     with self._cond:
-                        self._synced = max(self._synced, ticket)
+                        if ticket > self._synced:
+                            self._synced = ticket
+                            if self._written > ticket:
+                                self._written_since = written_after
                 durable = self._synced
                 if durable > self._reported:
                     self._reported = durable
@@ -434,10 +420,6 @@ class Spool:
                     self._fail(f"the recording spool cannot be written ({self.dir}: {e})")
                 return
 
-    def _segment_full(self) -> bool:
-        seg = self._segment
-        return seg is not None and seg.size >= self.segment_bytes
-
     def _due(self) -> bool:
         seg = self._segment
         if seg is None or seg.records == 0:
@@ -449,8 +431,6 @@ class Spool:
     def _wait_time(self) -> float | None:
         now = time.monotonic()
         waits = []
-        if self._buf:
-            waits.append(LAZY_SECONDS - (now - self._buf_since))
         if self._written > self._synced:
             waits.append(LAZY_SECONDS - (now - self._written_since))
         seg = self._segment
@@ -519,8 +499,6 @@ class Spool:
             return
         log.error("spool: the recording spool failed", extra={"error": message})
         self.failed = message
-        self._buf.clear()
-        self._buf_tracks.clear()
         if self._segment is not None:
             with contextlib.suppress(OSError, ValueError, BufferError):
                 self._segment.map.close()

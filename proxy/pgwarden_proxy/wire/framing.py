@@ -26,9 +26,10 @@ class ProtocolViolation(Exception):
     """The peer sent bytes that are not the protocol; the connection must be closed (08P01)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much
 class Message:
-    """One whole message. `rows`/`row_bytes`: DataRows streamed since the previous Message."""
+    """One whole message. `rows`/`row_bytes`: DataRows streamed since the previous Message.
+    Treated as immutable: a changed message is a new Message."""
 
     type: int
     body: bytes
@@ -132,6 +133,8 @@ class Scanner:
         unpack = _HDR.unpack_from
         streamed = self.streamed
         counted = self._counted
+        # a whole message up to this length needs no closer look (see _check_length)
+        quick = min(SMALL_MESSAGE_LIMIT, self._max_message) if self._frontend else self._max_message
         while pos < n:
             if n - pos < 5:
                 break
@@ -175,7 +178,8 @@ class Scanner:
                     break
                 pos = end
                 continue
-            self._check_length(typ, length)
+            if length < 4 or length > quick:
+                self._check_length(typ, length)
             if pos > run_start:
                 yield data[run_start:pos]
             run_start = pos

@@ -187,7 +187,15 @@ class Reader:
         return v
 
 
-@dataclass(frozen=True, slots=True)
+def cstring_at(body: bytes, pos: int) -> str:
+    """The string at `pos` (`Reader.cstring` without a Reader: one per Execute and Describe)."""
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise ValueError("string not terminated")
+    return body[pos:end].decode("utf-8", errors="replace")
+
+
+@dataclass(slots=True)  # not frozen (its __init__ costs twice as much); treated as immutable
 class BindMessage:
     portal: str
     statement: str
@@ -196,14 +204,45 @@ class BindMessage:
 
     @staticmethod
     def parse(body: bytes) -> BindMessage:
-        r = Reader(body)
-        portal = r.cstring()
-        statement = r.cstring()
-        formats = tuple(r.int16() for _ in range(r.int16()))
+        """What `Reader` would read (and the same ValueErrors), by hand: one per statement."""
+        end = body.find(b"\x00")
+        if end < 0:
+            raise ValueError("string not terminated")
+        portal = body[:end].decode("utf-8", errors="replace")
+        pos = end + 1
+        end = body.find(b"\x00", pos)
+        if end < 0:
+            raise ValueError("string not terminated")
+        statement = body[pos:end].decode("utf-8", errors="replace")
+        pos = end + 1
+        n = len(body)
+        if pos + 2 > n:
+            raise ValueError("message body too short")
+        (k,) = _I16.unpack_from(body, pos)
+        pos += 2
+        formats: tuple[int, ...] = ()
+        if k > 0:
+            if pos + 2 * k > n:
+                raise ValueError("message body too short")
+            formats = (_I16.unpack_from(body, pos)[0],) if k == 1 else _int16s(body, pos, k)
+            pos += 2 * k
+        if pos + 2 > n:
+            raise ValueError("message body too short")
+        (k,) = _I16.unpack_from(body, pos)
+        pos += 2
         values: list[bytes | None] = []
-        for _ in range(r.int16()):
-            n = r.int32()
-            values.append(None if n == -1 else r.raw(n))
+        for _ in range(k):
+            if pos + 4 > n:
+                raise ValueError("message body too short")
+            (size,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if size == -1:
+                values.append(None)
+                continue
+            if size < 0 or pos + size > n:
+                raise ValueError("message body too short")
+            values.append(body[pos : pos + size])
+            pos += size
         return BindMessage(portal, statement, formats, tuple(values))
 
     def rendered_params(self, types: Sequence[int] = ()) -> list[str | None]:
@@ -212,6 +251,9 @@ class BindMessage:
         Text format is decoded; binary values of common types (by the OIDs the client gave in
         Parse) are rendered as PostgreSQL would print them, anything else as hex bytea.
         """
+        formats = self.param_formats
+        if not formats or (len(formats) == 1 and formats[0] == 0):  # all text: the common case
+            return [None if v is None else v.decode("utf-8", "replace") for v in self.params]
         out: list[str | None] = []
         for i, value in enumerate(self.params):
             if value is None:
@@ -227,6 +269,10 @@ class BindMessage:
             else:
                 out.append(_render_binary(types[i] if i < len(types) else 0, value))
         return out
+
+
+def _int16s(body: bytes, pos: int, k: int) -> tuple[int, ...]:
+    return struct.unpack_from(f"!{k}h", body, pos)
 
 
 def _render_binary(oid: int, value: bytes) -> str:
