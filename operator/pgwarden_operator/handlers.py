@@ -318,8 +318,8 @@ class Operator:
                     name, namespace, uid, spec, policies, self.image, defaults=self.defaults
                 )
             else:
-                config = builders.bundle(spec, name, namespace, policies, defaults=self.defaults)
-                manifests = [builders.config_map(name, namespace, uid, config)]
+                bundle = builders.bundle(spec, name, namespace, policies, defaults=self.defaults)
+                manifests = [builders.config_map(name, namespace, uid, bundle)]
         except (ValidationError, builders.InvalidSpec) as e:
             message = validation_message(e) if isinstance(e, ValidationError) else str(e)
             await self._not_ready(api, conn, INVALID_SPEC, message)

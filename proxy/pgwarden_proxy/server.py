@@ -202,19 +202,19 @@ class ProxyServer:
         """Forward a cancel only when both halves of the key match one of our sessions; a key
         we do not know may belong to another replica (passed on once, see peers.py)."""
         session = self.sessions.get(pid)
-        if session is None and not from_peer and self.config.peers.configured:
-            if not self._pass_on.take():
-                log.warning("cancel requests with unknown keys come too fast; not passed on")
-                return
-            took = await peers.pass_on_cancel(
-                self.config.peers, self.config.listen.port, pid, secret
-            )
-            log.info("cancel request passed on to the other replicas", extra={"peers": took})
-            return
         if session is None or not hmac.compare_digest(
             session.key[1].to_bytes(4, "big"), (secret & 0xFFFFFFFF).to_bytes(4, "big")
         ):
-            log.info("cancel request with an unknown key ignored")
+            # (a known pid with another secret: another replica may have drawn the same pid)
+            if from_peer or not self.config.peers.configured:
+                log.info("cancel request with an unknown key ignored")
+            elif not self._pass_on.take():
+                log.warning("cancel requests with unknown keys come too fast; not passed on")
+            else:
+                took = await peers.pass_on_cancel(
+                    self.config.peers, self.config.listen.port, pid, secret
+                )
+                log.info("cancel request passed on to the other replicas", extra={"peers": took})
             return
         if session.cancel_hold():
             log.info(
