@@ -159,7 +159,8 @@ def owner_reference(kind: str, name: str, uid: str) -> Manifest:
     }
 
 
-def _metadata(name: str, namespace: str, conn_name: str, uid: str) -> Manifest:
+def owned_metadata(name: str, namespace: str, conn_name: str, uid: str) -> Manifest:
+    """Name, labels and the owner reference of an object a DatabaseConnection owns."""
     return {
         "name": name,
         "namespace": namespace,
@@ -314,7 +315,7 @@ def config_map(conn_name: str, namespace: str, uid: str, config: ProxyConfig) ->
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(proxy_name(conn_name), namespace, conn_name, uid),
+        "metadata": owned_metadata(proxy_name(conn_name), namespace, conn_name, uid),
         "data": {BUNDLE_KEY: render_bundle(config)},
     }
 
@@ -497,7 +498,7 @@ def deployment(
             ],
         },
     }
-    meta = _metadata(proxy_name(conn_name), namespace, conn_name, uid)
+    meta = owned_metadata(proxy_name(conn_name), namespace, conn_name, uid)
     selector = {"matchLabels": selector_labels(conn_name)}
     if persistent is None:
         return {
@@ -551,7 +552,7 @@ def service(conn_name: str, namespace: str, uid: str, spec: DatabaseConnectionSp
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(proxy_name(conn_name), namespace, conn_name, uid),
+        "metadata": owned_metadata(proxy_name(conn_name), namespace, conn_name, uid),
         "spec": {
             "type": svc.type,
             "selector": selector_labels(conn_name),
@@ -568,7 +569,7 @@ def peers_service(conn_name: str, namespace: str, uid: str) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(peers_name(conn_name), namespace, conn_name, uid),
+        "metadata": owned_metadata(peers_name(conn_name), namespace, conn_name, uid),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -594,7 +595,7 @@ def pod_disruption_budget(
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(proxy_name(conn_name), namespace, conn_name, uid),
+        "metadata": owned_metadata(proxy_name(conn_name), namespace, conn_name, uid),
         "spec": {**budget, "selector": {"matchLabels": selector_labels(conn_name)}},
     }
 
@@ -613,7 +614,7 @@ def network_policy(
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(network_policy_name(conn_name), namespace, conn_name, uid),
+        "metadata": owned_metadata(network_policy_name(conn_name), namespace, conn_name, uid),
         "spec": {
             "podSelector": {"matchLabels": dict(spec.database_selector)},
             "policyTypes": ["Ingress"],

@@ -26,7 +26,7 @@ kubelet mounts, and the operator only names the Secret in the pod template.
 from __future__ import annotations
 
 from pgwarden.api.resources import ACCESS_POLICY, APPROVAL_REQUEST, DATABASE_CONNECTION, GROUP
-from pgwarden_operator.builders import Manifest, labels, owner_reference, proxy_name
+from pgwarden_operator.builders import Manifest, owned_metadata, proxy_name
 
 RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
 RBAC_GROUP = "rbac.authorization.k8s.io"
@@ -41,15 +41,6 @@ _READ = ["get", "list", "watch"]
 # whose kind changed): owner references let the garbage collector delete what a
 # DatabaseConnection owned; no update: patches only.
 _MANAGE = ["get", "list", "watch", "create", "patch"]
-
-
-def _metadata(name: str, namespace: str, conn_name: str, uid: str) -> Manifest:
-    return {
-        "name": name,
-        "namespace": namespace,
-        "labels": labels(conn_name),
-        "ownerReferences": [owner_reference(DATABASE_CONNECTION.kind, conn_name, uid)],
-    }
 
 
 def _cluster_metadata(name: str, component: str) -> Manifest:
@@ -73,7 +64,7 @@ def proxy_service_account(conn_name: str, namespace: str, uid: str) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(proxy_name(conn_name), namespace, conn_name, uid),
+        "metadata": owned_metadata(proxy_name(conn_name), namespace, conn_name, uid),
         # the proxy pods mount the token themselves (the Deployment sets
         # automountServiceAccountToken); other pods that borrow this account do not get it
         "automountServiceAccountToken": False,
@@ -85,7 +76,7 @@ def proxy_role(conn_name: str, namespace: str, uid: str) -> Manifest:
     return {
         "apiVersion": RBAC_API_VERSION,
         "kind": "Role",
-        "metadata": _metadata(proxy_name(conn_name), namespace, conn_name, uid),
+        "metadata": owned_metadata(proxy_name(conn_name), namespace, conn_name, uid),
         "rules": [
             # submit: create a request; wait: read it back (get; list and watch for a watch
             # on one name, `fieldSelector=metadata.name=...`). No update, patch or delete of
@@ -103,7 +94,7 @@ def proxy_role_binding(conn_name: str, namespace: str, uid: str) -> Manifest:
     return {
         "apiVersion": RBAC_API_VERSION,
         "kind": "RoleBinding",
-        "metadata": _metadata(name, namespace, conn_name, uid),
+        "metadata": owned_metadata(name, namespace, conn_name, uid),
         "roleRef": {"apiGroup": RBAC_GROUP, "kind": "Role", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
     }

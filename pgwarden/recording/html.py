@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import html
 import json
-import unicodedata
 from datetime import datetime
 from typing import Any
 
+from pgwarden.display import printable
 from pgwarden.recording.reader import EventRecord, Recording, StatementView, parse_time
 from pgwarden.recording.verify import VerifyResult, verify_recording
 
@@ -42,26 +42,13 @@ table.rows th{background:#f4f4f4}
 """.strip()
 
 
-def visible(text: str) -> str:
-    """Control and format characters as escapes (newlines and tabs kept)."""
-    out = []
-    for ch in text:
-        if ch in "\n\t":
-            out.append(ch)
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
 def esc(value: Any) -> str:
     """Any value as escaped HTML text (None as empty)."""
     if value is None:
         return ""
     if not isinstance(value, str):
         value = json.dumps(value, ensure_ascii=False, default=str)
-    return html.escape(visible(value), quote=True)
+    return html.escape(printable(value, lines=True), quote=True)
 
 
 def _cap(text: str, n: int = MAX_VALUE_CHARS) -> str:

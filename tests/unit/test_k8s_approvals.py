@@ -41,22 +41,10 @@ from pgwarden_proxy.approvals.kubernetes import (
     label_value,
 )
 from pgwarden_proxy.server import approval_backend
+from tests.kmockapi import merge_patch
 
 NS = "data"
 PREFIX = "/apis/pgwarden.io/v1alpha1/namespaces/{ns}/approvalrequests"
-
-
-def _merge(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge(out.get(key), value)
-    return out
 
 
 def _status(code: int, reason: str, message: str) -> web.Response:
@@ -146,7 +134,7 @@ class FakeKubeApi:
             done.result(10)
             return
         obj = self.objects[(ns, name)]
-        obj["status"] = _merge(obj.get("status") or {}, {"state": state, "decidedBy": by})
+        obj["status"] = merge_patch(obj.get("status") or {}, {"state": state, "decidedBy": by})
         obj["metadata"]["resourceVersion"] = str(next(self._versions))
 
     # -- handlers --------------------------------------------------------------------------------
@@ -213,7 +201,7 @@ class FakeKubeApi:
                 "object has been modified; please apply your changes to the latest version",
             )
         old = ApprovalState((obj.get("status") or {}).get("state", "Pending"))
-        status = _merge(obj.get("status") or {}, patch.get("status") or {})
+        status = merge_patch(obj.get("status") or {}, patch.get("status") or {})
         new = ApprovalState(status.get("state", "Pending"))
         if new != old and new not in TRANSITIONS[old]:  # the CRD's CEL rule
             return _status(
