@@ -8,6 +8,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from pgwarden import logs
 from pgwarden.recording.format import iso
 
 
@@ -90,22 +91,14 @@ class LogEventSink:
         self._statements = statements
 
     def statement(self, event: StatementEvent) -> None:
+        if not self._statements:
+            return
         log = self._log
-        if self._statements and log.isEnabledFor(logging.INFO):
-            # what log.info("statement", extra=...) does, less finding the caller (a walk up
-            # the stack per statement, for record fields the JSON lines do not show)
-            record = log.makeRecord(
-                log.name,
-                logging.INFO,
-                "(unknown file)",
-                0,
-                "statement",
-                (),
-                None,
-                "(unknown function)",
-                {"event": event.as_dict()},
-            )
-            log.handle(record)
+        writer = logs.event_writer(log)
+        if writer is not None:  # the same line, without a LogRecord (one per statement)
+            writer.add_line(logs.event_line(log.name, "statement", event.as_dict()))
+        elif log.isEnabledFor(logging.INFO):
+            log.info("statement", extra={"event": event.as_dict()})
 
     def session(self, event: SessionEvent) -> None:
         self._log.info(event.type, extra={"event": event.as_dict()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def run(config: ProxyConfig, config_path: Path | None = None) -> int:
     """Serve until SIGTERM; with `config_path`, a changed file or SIGHUP reloads it live."""
     loop = new_event_loop()
+    # What is alive now (modules, parsers, the config) lives as long as the process: keep it
+    # out of the collector's full passes, which otherwise walk it over and over under load.
+    gc.freeze()
     try:
         loop.run_until_complete(ProxyServer(config, config_path=config_path).serve_forever())
     except (OSError, SpoolError) as e:

@@ -1,4 +1,5 @@
-"""Statement events serialise every field; the log handler batches lines per loop turn."""
+"""Statement events serialise every field; the log handler batches lines for a few milliseconds;
+statement events skip the logging machinery only when nothing else listens."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import dataclasses
 import io
 import json
 import logging
+from collections.abc import Iterator
 
-from pgwarden.logs import BatchingStreamHandler, JsonFormatter
-from pgwarden_proxy.events import StatementEvent
+import pytest
+
+from pgwarden import logs
+from pgwarden.logs import FLUSH_DELAY, BatchingStreamHandler, JsonFormatter
+from pgwarden_proxy.events import LogEventSink, StatementEvent
 
 
 def test_statement_event_as_dict_has_every_field() -> None:
@@ -23,7 +28,7 @@ def test_statement_event_as_dict_has_every_field() -> None:
     assert json.loads(json.dumps(d))["classes"] == ["read"]
 
 
-def test_batching_handler_writes_once_per_loop_turn() -> None:
+def test_batching_handler_writes_a_burst_at_once() -> None:
     class Counting(io.StringIO):
         writes = 0
 
@@ -46,7 +51,9 @@ def test_batching_handler_writes_once_per_loop_turn() -> None:
             for i in range(100):
                 log.info("line", extra={"i": i})
             before = stream.writes
-            await asyncio.sleep(0)  # the end of this turn flushes
+            await asyncio.sleep(0)
+            assert stream.writes == before  # still waiting, for more lines to join
+            await asyncio.sleep(FLUSH_DELAY * 3)
             return before
 
         assert asyncio.run(burst()) == 1
@@ -55,3 +62,74 @@ def test_batching_handler_writes_once_per_loop_turn() -> None:
         assert [x.get("i") for x in lines[1:]] == list(range(100))
     finally:
         log.removeHandler(handler)
+
+
+def _event() -> StatementEvent:
+    return StatementEvent(
+        "s1",
+        "conn",
+        "alice@example.org",
+        'SELECT "é", $1 -- \\ \n',
+        "fp",
+        ("read",),
+        "SELECT",
+        ["x\u0000y", None],
+        "extended",
+        "allow",
+        "ro",
+        1.5,
+        0.25,
+        1,
+        40,
+        "SELECT 1",
+        {"sqlstate": "42501", "message": "pgwarden: no"},
+    )
+
+
+@pytest.fixture
+def configured() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    try:
+        yield stream
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        logs._configured.clear()
+
+
+def _only_ours() -> None:
+    # pytest's own capture handlers join the root logger for each test phase
+    logging.getLogger().handlers[:] = logs._configured
+
+
+def test_statement_line_is_what_the_formatter_writes(configured: io.StringIO) -> None:
+    _only_ours()
+    ev = _event()
+    LogEventSink().statement(ev)  # outside a loop: written at once, by the direct path
+    direct = json.loads(configured.getvalue())
+    record = logging.LogRecord("pgwarden.events", logging.INFO, "", 0, "statement", (), None)
+    record.event = ev.as_dict()
+    formatted = json.loads(JsonFormatter().format(record))
+    assert direct.pop("time")[:4] == formatted.pop("time")[:4]
+    assert direct == formatted
+
+
+def test_statement_events_go_through_logging_when_another_handler_listens(
+    configured: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = logging.getLogger("pgwarden.events")
+    assert logs.event_writer(log) is None  # caplog's handler is on the root logger too
+    with caplog.at_level(logging.INFO):
+        LogEventSink().statement(_event())
+    assert [r.getMessage() for r in caplog.records] == ["statement"]
+    assert json.loads(configured.getvalue())["event"]["identity"] == "alice@example.org"
+
+
+def test_statement_events_off_write_nothing(configured: io.StringIO) -> None:
+    _only_ours()
+    assert logs.event_writer(logging.getLogger("pgwarden.events")) is not None
+    LogEventSink(statements=False).statement(_event())
+    assert configured.getvalue() == ""
