@@ -30,8 +30,13 @@ RUN pip wheel --require-hashes --no-deps --only-binary=:all: \
         --wheel-dir /wheels -r requirements.lock
 
 # pgwarden itself, without dependencies (they are the locked wheels above). Its build backend
-# (setuptools, from pyproject.toml's build-system) runs here only and is not in the image.
-COPY pyproject.toml README.md ./
+# (setuptools, from pyproject.toml's build-system) runs here only and is not in the image; so
+# does the C compiler for its one extension (setup.py: the masking row walk).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY pgwarden ./pgwarden
 COPY proxy ./proxy
 COPY operator ./operator
@@ -39,8 +44,10 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # A virtualenv without pip, installed offline from exactly those wheels; the final stage copies
 # it whole, so no wheel, cache or installer layer reaches the image.
+# The C row walk is optional in setup.py (a pure-Python walk stands in); the image must have it.
 RUN python -m venv --without-pip /opt/pgwarden \
-    && pip --python /opt/pgwarden/bin/python install --no-index --no-deps /wheels/*.whl
+    && pip --python /opt/pgwarden/bin/python install --no-index --no-deps /wheels/*.whl \
+    && /opt/pgwarden/bin/python -c "import pgwarden_proxy.masking._rowwalk"
 
 # ---------------------------------------------------------------------------------- final
 FROM ${PYTHON_IMAGE}

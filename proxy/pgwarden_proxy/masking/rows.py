@@ -24,6 +24,13 @@ from pgwarden_proxy.masking.rules import ColumnRule, MaskRules, strongest
 from pgwarden_proxy.masking.strategies import REDACTED, Masker
 from pgwarden_proxy.wire.framing import ProtocolViolation
 
+try:  # the same walk in C (setup.py builds it where a compiler is found)
+    from pgwarden_proxy.masking import _rowwalk
+
+    NATIVE_WALK = True
+except ImportError:  # pragma: no cover - only where the extension was not built
+    NATIVE_WALK = False
+
 TEXT_OID = 25
 JSONB_OID = 3802
 # text, varchar, bpchar, name, json, xml, unknown, "char", jsonb: values a detector can read
@@ -96,9 +103,11 @@ def _constant_field(col: _Column) -> bytes | None:
 class ResultMask:
     """The columns of one result that change, and how; `row()` rewrites one DataRow."""
 
-    __slots__ = ("_encoding", "_plan", "_rewriter")
+    __slots__ = ("_encoding", "_native_plan", "_plan", "_rewriter", "rows_from")
 
-    def __init__(self, columns: list[_Column], rewriter: Rewriter, encoding: str) -> None:
+    def __init__(
+        self, columns: list[_Column], rewriter: Rewriter, encoding: str, *, native: bool = True
+    ) -> None:
         self._rewriter = rewriter
         self._encoding = encoding
         # per column, in column order: its index, its memo of masked fields, the column, and
@@ -106,6 +115,11 @@ class ResultMask:
         self._plan: list[tuple[int, dict[bytes, bytes], _Column, bytes | None]] = [
             (c.index, {}, c, _constant_field(c)) for c in columns
         ]
+        self._native_plan = tuple((i, memo, const) for i, memo, _, const in self._plan)
+        native = native and NATIVE_WALK
+        self.rows_from: Callable[[bytes, int, int], tuple[bytes, int, int, int]] = (
+            self._native_rows_from if native else self._python_rows_from
+        )
 
     @classmethod
     def build(
@@ -161,16 +175,29 @@ class ResultMask:
             raise ProtocolViolation("a DataRow too short to hold its field count")
         return out
 
-    def rows_from(self, data: bytes, start: int, limit: int) -> tuple[bytes, int, int, int]:
-        """The complete DataRows of `data` from `start` (up to another message type, an
-        incomplete row, or the end), masked: (the masked rows, where they end, how many, their
-        wire bytes before masking). A row longer than `limit` is a protocol violation.
+    # rows_from(data, start, limit): the complete DataRows of `data` from `start` (up to another
+    # message type, an incomplete row, or the end), masked: (the masked rows, where they end,
+    # how many, their wire bytes before masking). A row longer than `limit` is a protocol
+    # violation. It is the scanner's row walk too (`Scanner.row_rewriter`), so each row is read
+    # once. Only the fields up to the last masked column are walked. Values come out of a
+    # per-column memo where they can (strategies and detectors are deterministic), as the field
+    # to write, length word included; `_SAME` when the value stays.
 
-        This is the scanner's row walk too (`Scanner.row_rewriter`), so each row is read once.
-        Only the fields up to the last masked column are walked. Values come out of a
-        per-column memo where they can (strategies and detectors are deterministic), as the
-        field to write, length word included; `_SAME` when the value stays.
-        """
+    def _native_rows_from(self, data: bytes, start: int, limit: int) -> tuple[bytes, int, int, int]:
+        return _rowwalk.rows_from(
+            data, start, limit, self._native_plan, self._missed, _SAME, ProtocolViolation
+        )
+
+    def _missed(self, position: int, raw: bytes) -> bytes:
+        """The field of a value the memo of the plan's `position`-th column does not hold."""
+        _, memo, col, _ = self._plan[position]
+        field = self._field(col, raw, self._encoding)
+        if len(raw) <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
+            memo[raw] = field
+        return field
+
+    def _python_rows_from(self, data: bytes, start: int, limit: int) -> tuple[bytes, int, int, int]:
+        """The reference walk (and where the C one is not built)."""
         if len(self._plan) == 1:
             return self._one_column_from(data, start, limit)
         unpack = _I32.unpack_from
