@@ -159,6 +159,12 @@ def _quoted(text: str) -> str:
     return orjson.dumps(text).decode()
 
 
+def flush() -> None:
+    """Write the lines still waiting: when an event loop stops, its pending flush never runs."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     handler = BatchingStreamHandler(stream or sys.stderr)
     _configured[:] = [handler]

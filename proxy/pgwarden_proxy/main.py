@@ -7,6 +7,7 @@ import gc
 import logging
 from pathlib import Path
 
+from pgwarden import logs
 from pgwarden.api.config import ProxyConfig
 from pgwarden_proxy.recording.spool import SpoolError
 from pgwarden_proxy.server import ProxyServer
@@ -36,4 +37,5 @@ def run(config: ProxyConfig, config_path: Path | None = None) -> int:
         return 1
     finally:
         loop.close()
+        logs.flush()
     return 0

@@ -8,6 +8,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pgwarden import logs
 from pgwarden.api.config import ProxyConfig
 from pgwarden_proxy.auth.oidc import OidcVerifier
 from pgwarden_proxy.events import EventSink
@@ -43,6 +44,7 @@ class ProxyThread:
         self._started.set()
         self.loop.run_forever()
         self.loop.close()
+        logs.flush()
 
     def start(self) -> ProxyThread:
         self._thread.start()

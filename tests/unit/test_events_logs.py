@@ -133,3 +133,22 @@ def test_statement_events_off_write_nothing(configured: io.StringIO) -> None:
     assert logs.event_writer(logging.getLogger("pgwarden.events")) is not None
     LogEventSink(statements=False).statement(_event())
     assert configured.getvalue() == ""
+
+
+def test_lines_left_when_a_loop_stops_are_written_by_the_next_loop_or_at_flush(
+    configured: io.StringIO,
+) -> None:
+    _only_ours()
+    log = logging.getLogger("pgwarden.test")
+
+    async def one(msg: str, wait: float) -> None:
+        log.info(msg)
+        await asyncio.sleep(wait)
+
+    asyncio.run(one("first", 0))  # the loop is gone before its flush was due
+    assert configured.getvalue() == ""
+    asyncio.run(one("second", FLUSH_DELAY * 3))  # a new loop on this thread flushes both
+    assert [json.loads(x)["msg"] for x in configured.getvalue().splitlines()] == ["first", "second"]
+    asyncio.run(one("third", 0))
+    logs.flush()  # what the proxy does when its loop has stopped
+    assert json.loads(configured.getvalue().splitlines()[-1])["msg"] == "third"
