@@ -47,7 +47,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # The C row walk is optional in setup.py (a pure-Python walk stands in); the image must have it.
 RUN python -m venv --without-pip /opt/pgwarden \
     && pip --python /opt/pgwarden/bin/python install --no-index --no-deps /wheels/*.whl \
-    && /opt/pgwarden/bin/python -c "import pgwarden_proxy.masking._rowwalk"
+    && /opt/pgwarden/bin/python -c "import pgwarden_proxy.wire._rowwalk"
 
 # ---------------------------------------------------------------------------------- final
 FROM ${PYTHON_IMAGE}

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from pgwarden_proxy.wire import framing
 from pgwarden_proxy.wire.framing import Message, ProtocolViolation, Rows, Scanner
 from pgwarden_proxy.wire.messages import frame
 
@@ -165,3 +166,34 @@ def test_whole_rows_come_as_complete_rows_under_any_split(
     assert b"".join(passed) == b"".join(x for i, x in enumerate(msgs) if i not in over)
     assert rows_seen == len(rows) - len(over)
     assert scanner.dropped == len(over)
+
+
+def items(scanner: Scanner, parts: list[bytes]) -> list[tuple[str, bytes, int, int]]:
+    out: list[tuple[str, bytes, int, int]] = []
+    for part in parts:
+        for item in scanner.feed(part):
+            if isinstance(item, Message):
+                out.append(("message", item.raw, item.rows, item.row_bytes))
+            else:
+                assert isinstance(item, bytes)
+                out.append(("run", item, 0, 0))
+    return out
+
+
+@pytest.mark.skipif(framing._count_rows is None, reason="the C row loop is not built")
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(message, message.map(lambda m: m * 3)), max_size=40),
+    st.lists(st.integers(0, 20000), max_size=30),
+)
+def test_rows_counted_in_c_give_what_the_python_loop_gives(
+    msgs: list[bytes], cuts: list[int]
+) -> None:
+    parts = chunks_of(b"".join(msgs), cuts)
+    native = items(Scanner(streamed=(D, d), counted=D, max_message=1 << 20), parts)
+    count_rows, framing._count_rows = framing._count_rows, None
+    try:
+        python = items(Scanner(streamed=(D, d), counted=D, max_message=1 << 20), parts)
+    finally:
+        framing._count_rows = count_rows
+    assert native == python

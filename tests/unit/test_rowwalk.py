@@ -1,4 +1,4 @@
-"""The C row walk (masking/_rowwalk.c) gives exactly what the Python walk gives, and refuses
+"""The C row walk (wire/_rowwalk.c) gives exactly what the Python walk gives, and refuses
 malformed rows instead of reading past them."""
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def test_any_bytes_give_rows_or_a_protocol_violation(junk: bytes, column: int) -
 
 @native_only
 def test_bad_arguments_are_type_errors_not_crashes() -> None:
-    from pgwarden_proxy.masking import _rowwalk
+    from pgwarden_proxy.wire import _rowwalk
 
     walk: Any = _rowwalk.rows_from  # wrong on purpose
 

@@ -25,7 +25,7 @@ from pgwarden_proxy.masking.strategies import REDACTED, Masker
 from pgwarden_proxy.wire.framing import ProtocolViolation
 
 try:  # the same walk in C (setup.py builds it where a compiler is found)
-    from pgwarden_proxy.masking import _rowwalk
+    from pgwarden_proxy.wire import _rowwalk
 
     NATIVE_WALK = True
 except ImportError:  # pragma: no cover - only where the extension was not built

@@ -15,6 +15,20 @@ from dataclasses import dataclass
 
 _HDR = struct.Struct("!BI")
 
+CountRows = Callable[[bytes, int, int, int], tuple[int, int, int]]
+
+
+def _native_count_rows() -> CountRows | None:
+    """The per-row loop in C, where setup.py could build it (a compiler was found)."""
+    try:
+        from pgwarden_proxy.wire._rowwalk import count_rows
+    except ImportError:  # pragma: no cover - only where the extension was not built
+        return None
+    return count_rows
+
+
+_count_rows = _native_count_rows()
+
 # PostgreSQL caps most frontend messages at PQ_SMALL_MESSAGE_LIMIT; these may be large.
 LARGE_FRONTEND_TYPES = frozenset(b"QPBFdfp")
 SMALL_MESSAGE_LIMIT = 10_000
@@ -157,6 +171,15 @@ class Scanner:
                     continue
                 if typ == counted:
                     budget = self.row_budget
+                    if budget is None and _count_rows is not None:
+                        # a result streaming through: its complete rows at once (in C); an
+                        # incomplete or invalid one is left to the loop below
+                        after, k, nbytes = _count_rows(data, pos, typ, STREAM_LIMIT)
+                        if k:
+                            self._rows += k
+                            self._row_bytes += nbytes
+                            pos = after
+                            continue
                     if budget is not None:
                         if budget <= 0:  # over maxRows: drop this row
                             if pos > run_start:

@@ -1,4 +1,4 @@
-"""Types of the C row walk (_rowwalk.c); ResultMask.rows_from documents what it does."""
+"""Types of the C row loops (_rowwalk.c, which says what they do)."""
 
 from collections.abc import Callable
 
@@ -14,3 +14,4 @@ def rows_from(
     error: type[Exception],
     /,
 ) -> tuple[bytes, int, int, int]: ...
+def count_rows(data: Buffer, pos: int, type: int, limit: int, /) -> tuple[int, int, int]: ...
