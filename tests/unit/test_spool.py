@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import shutil
 import threading
 import time
@@ -387,6 +388,85 @@ def test_rotation_by_size(tmp_path: Path, make: Any) -> None:
     events = [ev for _, _, evs in replay(segments) for ev in evs]
     assert [encode_event(ev) for ev in events if ev["sessionId"] == "a"] == a.lines
     assert [encode_event(ev) for ev in events if ev["sessionId"] == "c"] == b.lines
+
+
+def test_the_appending_thread_never_waits_for_the_disk(
+    tmp_path: Path, make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends come from the event loop: rotations (by the writer, or by an append that outran
+    it) switch to a segment made ready beforehand; fsyncs and seals happen in the writer."""
+    h = make(tmp_path / "spool", segment_bytes=4096)
+    h.open()
+    syncing: list[str] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+    def fdatasync(fd: int) -> None:
+        syncing.append(threading.current_thread().name)
+        real_fdatasync(fd)
+
+    def fsync(fd: int) -> None:
+        syncing.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr("pgwarden_proxy.recording.spool.os.fdatasync", fdatasync)
+    monkeypatch.setattr("pgwarden_proxy.recording.spool.os.fsync", fsync)
+    a = Chain("a")
+    h.append_durable(a.start())
+    for i in range(300):  # rotations by the writer, by size
+        ticket = h.spool.append(*a.statement(f"SELECT {i}, '{'x' * 100}'"))
+        if i % 20 == 0:
+            h.wait_durable(ticket)
+    # a record larger than the segment made ready: this append opens one itself
+    h.spool.append(*a.statement("SELECT '" + "x" * (2 << 20) + "'"))
+    h.append_durable(a.end())
+    h.spool.close()
+    monkeypatch.undo()
+
+    assert set(syncing) == {"pgwarden-spool"}
+    segments = h.spool.sealed()
+    assert len(segments) >= 5
+    assert spool_files(tmp_path / "spool") == [seg.name for seg in segments]  # no spare left
+    assert_checkpoints_consistent(segments)
+    events = [ev for _, _, evs in replay(segments) for ev in evs]
+    assert [encode_event(ev) for ev in events] == a.lines
+
+
+def test_a_crash_between_a_switch_and_its_seal_loses_nothing(
+    tmp_path: Path, make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the spool switched segments but before the writer sealed the one before:
+    the next start finds both open segments (and a spare) and keeps every record, in order."""
+    spool_dir = tmp_path / "spool"
+    h = make(spool_dir, segment_bytes=2048)
+    sealing, release = threading.Event(), threading.Event()
+    real_seal = Spool._seal
+
+    def held_seal(self: Spool, seg: Any) -> bool:
+        sealing.set()
+        release.wait(30)  # the crash comes first
+        return real_seal(self, seg)
+
+    h.open()
+    a, b = Chain("a"), Chain("b")
+    h.append_durable(a.start())
+    h.append_durable(b.start())
+    monkeypatch.setattr(Spool, "_seal", held_seal)
+    for i in range(40):
+        h.spool.append(*(a if i % 2 else b).statement(f"SELECT {i}, '{'x' * 100}'"))
+    wait_for(sealing.is_set, what="the writer to start sealing")
+    crashed = crash_copy(spool_dir, tmp_path / "crashed")
+    assert len(list(crashed.glob("*.open"))) >= 2
+
+    spool = make(crashed).spool
+    recovered = spool.open()
+    assert spool_files(crashed) == [seg.name for seg in spool.sealed()]  # no .open, no .next
+    segments = spool.sealed()
+    assert_checkpoints_consistent(segments)
+    events = [ev for _, _, evs in replay(segments) for ev in evs]
+    for chain in (a, b):
+        assert [encode_event(ev) for ev in events if ev["sessionId"] == chain.sid] == chain.lines
+    assert {sid: s.seq for sid, s in recovered.items()} == {"a": a.seq, "b": b.seq}
+    release.set()
 
 
 def test_rotation_by_age(tmp_path: Path, make: Any) -> None:

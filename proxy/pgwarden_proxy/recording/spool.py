@@ -200,6 +200,13 @@ class Spool:
         # checkpoint is a copy, so it covers exactly the records of the segments before it)
         self._open: dict[str, OpenSession] = {}
         self._segment: _Segment | None = None
+        # Rotation costs the event loop no system call that waits for the disk: the writer keeps
+        # the next segment ready (`_spare`: created, reserved, mapped), and a segment switched
+        # away from (`_unsealed`) is fsynced and sealed by the writer outside the lock, after
+        # the new segment's checkpoint is durable (`_fresh` until then).
+        self._spare: _Segment | None = None
+        self._unsealed: list[_Segment] = []
+        self._fresh = False
         self._last_name = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -227,8 +234,8 @@ class Spool:
                 f"recording.spoolDir {self.dir} is in use by another process (each proxy needs "
                 "its own spool directory)"
             ) from e
-        for stale in self.dir.glob(".*.tmp"):
-            stale.unlink()
+        for stale in [*self.dir.glob(".*.tmp"), *self.dir.glob("*.next")]:
+            stale.unlink()  # (a `.next` segment is a spare: nothing was ever written to it)
         for path in sorted(self.dir.glob("*.open")):
             self._repair(path)
         recovered: dict[str, OpenSession] = {}
@@ -371,6 +378,8 @@ class Spool:
         """Whether the writer has work now (called holding the condition)."""
         if self._sync_wanted or self._stopping or self._due() or self._synced > self._reported:
             return True
+        if self._unsealed or self._fresh or (self._spare is None and self.failed is None):
+            return True
         return (
             self._written > self._synced and time.monotonic() - self._written_since >= LAZY_SECONDS
         )
@@ -386,35 +395,63 @@ class Spool:
                         self._wakes_at = 0.0
                     self._sync_wanted = False
                     stopping = self._stopping
+                    if stopping:
+                        self._detach()
                     ticket = self._written
                     seg = self._segment
+                    unsealed, self._unsealed = self._unsealed, []
+                    fresh, self._fresh = self._fresh, False
                     unsynced = ticket > self._synced
                     # what is written from now on waits for the next fsync: its LAZY_SECONDS
                     # count from here at the latest (not from the oldest record this one covers)
                     written_after = _monotonic()
-                if unsynced and seg is not None:
+                # without the lock: appends go on meanwhile. Every record up to `ticket` is in
+                # `seg` or in a segment switched away from (`unsealed`, or sealed before).
+                if seg is not None and (unsynced or fresh):
                     t0 = time.perf_counter()
-                    os.fdatasync(seg.fd)  # without the lock: appends go on meanwhile
+                    os.fdatasync(seg.fd)
                     self.stats.fsync_seconds += time.perf_counter() - t0
                     self.stats.batches += 1
-                    with self._cond:
-                        if ticket > self._synced:
-                            self._synced = ticket
-                            if self._written > ticket:
-                                self._written_since = written_after
+                if fresh:
+                    self._fsync_dir()  # the new segment's name: its checkpoint is durable now
+                sealed = [old for old in unsealed if self._seal(old)]
+                if unsealed:
+                    self._fsync_dir()
+                with self._cond:
+                    if ticket > self._synced:
+                        self._synced = ticket
+                        if self._written > ticket:
+                            self._written_since = written_after
+                    self.stats.segments += len(sealed)
+                    self.stats.sealed_total += len(sealed)
+                if sealed:
+                    self._on_sealed()
                 durable = self._synced
                 if durable > self._reported:
                     self._reported = durable
                     self._on_durable(durable)
+                if stopping:
+                    with self._cond:
+                        spare, self._spare = self._spare, None
+                    if spare is not None:
+                        self._discard(spare)
+                    return
                 with self._cond:
-                    if stopping:
-                        self._seal()
-                        return
                     if self._due():
                         if self._open:
                             self._rotate()  # the next segment's checkpoint keeps the sessions
                         else:
-                            self._seal()  # sealed by age; the next record opens a new one
+                            self._detach()  # sealed by age; the next record opens a new one
+                    need_spare = self._spare is None and self.failed is None
+                    name = self._next_name() if need_spare else 0
+                if need_spare:
+                    spare = self._create(name, self.segment_bytes + HEADROOM, ".next")
+                    with self._cond:
+                        # only if no segment was named since: segments are named in order
+                        if self._spare is None and self.failed is None and self._last_name == name:
+                            self._spare, spare = spare, None
+                    if spare is not None:
+                        self._discard(spare)
             except OSError as e:
                 with self._cond:
                     self._fail(f"the recording spool cannot be written ({self.dir}: {e})")
@@ -438,16 +475,15 @@ class Spool:
             waits.append(self.ship_interval - (now - seg.first))
         return max(0.0, min(waits)) if waits else None
 
-    def _rotate(self, room: int = 0) -> None:
-        """Open the next segment, its checkpoint on disk, then seal the current one (so that a
-        crash between the two never leaves the open sessions unknown)."""
-        snapshot = {k: v.as_json() for k, v in self._open.items()}
-        head = frame(json.dumps({"spool": "checkpoint", "open": snapshot}).encode())
+    def _next_name(self) -> int:
+        """(Holding the lock.) Segment names are nanosecond times, increasing in record order."""
         name = max(time.time_ns(), self._last_name + 1)
         self._last_name = name
-        path = self.dir / f"{name:020d}.open"
-        # the writer seals at segment_bytes; the headroom takes what arrives until it does
-        capacity = max(self.segment_bytes + HEADROOM, len(head) + room)
+        return name
+
+    def _create(self, name: int, capacity: int, suffix: str = ".open") -> _Segment:
+        """An empty open segment (`.next`: a spare), its blocks reserved and mapped."""
+        path = self.dir / f"{name:020d}{suffix}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, capacity)  # blocks reserved now: a full disk fails here,
@@ -457,33 +493,60 @@ class Spool:
             os.close(fd)
             path.unlink()
             raise
-        seg = _Segment(path, fd, mapped, capacity)
-        seg.put(head)
-        os.fdatasync(fd)
-        self._fsync_dir()
-        self.stats.bytes += len(head)
-        self._seal()
-        self._segment = seg
+        return _Segment(path, fd, mapped, capacity)
 
-    def _seal(self) -> None:
+    def _discard(self, seg: _Segment) -> None:
+        """An open segment that holds nothing goes (a spare not used)."""
+        seg.map.close()
+        os.close(seg.fd)
+        seg.path.unlink()
+
+    def _rotate(self, room: int = 0) -> None:
+        """(Holding the lock.) Switch to the next segment, its checkpoint first. The writer
+        makes the checkpoint durable and then seals the segment before, outside the lock (so
+        that a crash between the two never leaves the open sessions unknown)."""
+        snapshot = {k: v.as_json() for k, v in self._open.items()}
+        head = frame(json.dumps({"spool": "checkpoint", "open": snapshot}).encode())
+        need = len(head) + room
+        seg, self._spare = self._spare, None
+        if seg is not None and seg.capacity >= need:
+            path = seg.path.with_suffix(".open")
+            seg.path.rename(path)  # (the writer fsyncs the directory with the checkpoint)
+            seg.path = path
+        else:
+            if seg is not None:
+                self._discard(seg)  # a record larger than a segment: rare, and named in order
+            # the writer seals at segment_bytes; the headroom takes what arrives until it does
+            seg = self._create(self._next_name(), max(self.segment_bytes + HEADROOM, need))
+        seg.put(head)
+        self.stats.bytes += len(head)
+        self._detach()
+        self._segment = seg
+        self._fresh = True
+        self._cond.notify()
+
+    def _detach(self) -> None:
+        """(Holding the lock.) No more records go to the open segment; the writer seals it."""
         seg, self._segment = self._segment, None
-        if seg is None:
-            return
+        if seg is not None:
+            self._unsealed.append(seg)
+            self._cond.notify()
+
+    def _seal(self, seg: _Segment) -> bool:
+        """(The writer, without the lock.) Make a segment switched away from durable and
+        shippable; False when it held no record (it goes)."""
         os.fdatasync(seg.fd)
         seg.map.close()
         os.ftruncate(seg.fd, seg.size)  # the unused reservation goes (trailing zeros would
         # be harmless: a scan stops at them)
         os.close(seg.fd)
-        self._synced = self._written  # every record written so far was in this segment or older
         if seg.records == 0:
             seg.path.unlink()
-            self.stats.bytes -= seg.size
-            return
+            with self._cond:
+                self.stats.bytes -= seg.size
+            return False
         seg.path.rename(seg.path.with_suffix(".seg"))
-        self._fsync_dir()
-        self.stats.segments += 1
-        self.stats.sealed_total += 1
-        self._on_sealed()
+        return True
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
@@ -499,11 +562,15 @@ class Spool:
             return
         log.error("spool: the recording spool failed", extra={"error": message})
         self.failed = message
-        if self._segment is not None:
+        # No more records go anywhere. The open and unsealed segments stay as they are (the
+        # writer may be fsyncing one without the lock: closing its descriptor here could let
+        # the number name another file meanwhile); the next start repairs and ships them.
+        self._segment = None
+        self._unsealed = []
+        spare, self._spare = self._spare, None
+        if spare is not None:
             with contextlib.suppress(OSError, ValueError, BufferError):
-                self._segment.map.close()
-                os.close(self._segment.fd)
-            self._segment = None
+                self._discard(spare)
         self._on_failed(message)
 
     # ------------------------------------------------------------------ shipping
