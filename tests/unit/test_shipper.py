@@ -33,6 +33,7 @@ from pgwarden.recording.format import (
 )
 from pgwarden.recording.s3 import S3Store
 from pgwarden.recording.store import FileStore, Store, StoreError
+from pgwarden_proxy.recording import shipper as shipper_module
 from pgwarden_proxy.recording.shipper import Shipper
 from pgwarden_proxy.recording.spool import Spool, Track, session_meta
 from tests.s3server import MotoServer
@@ -339,6 +340,34 @@ def two_segments(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[i
     shipping.close()
     assert counts == [2 + 2 * 2, 2 + 1]  # chunks, then two index objects per start; manifest
     return base, counts, b
+
+
+def test_reading_a_segment_pauses_for_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipper lets go of the GIL every GIL_YIELD_EVERY records, so that a large segment
+    does not hold the proxy's event loop up (it waits for the GIL otherwise)."""
+    spool, _ = new_spool(tmp_path / "spool")
+    a = Session("a-1")
+    spool.append(*a.start())
+    for i in range(1000):
+        spool.append(*a.statement(f"SELECT {i}"))
+    a.end(spool)
+    spool.close()
+    pauses: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr("pgwarden_proxy.recording.shipper.time.sleep", sleep)
+    store = FileStore(tmp_path / "sink")
+    Shipper(spool, store).ship_all()
+    monkeypatch.undo()
+
+    assert pauses.count(0) >= 1003 // shipper_module.GIL_YIELD_EVERY
+    assert_session_complete(store, a)
 
 
 @pytest.mark.parametrize("fail_at", range(1, 10))

@@ -52,22 +52,32 @@ def frame(payload: bytes) -> bytes:
     return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def scan(data: bytes) -> tuple[list[bytes], int]:
-    """The payloads of the complete, intact frames from the start of `data`, and the offset where
-    they end (a torn or corrupt frame and everything after it are not trusted)."""
-    payloads: list[bytes] = []
+def frames(data: bytes) -> Iterator[tuple[bytes, int]]:
+    """The intact frames from the start of `data`, one at a time: each payload and the offset
+    where its frame ends (a torn or corrupt frame and everything after it are not trusted)."""
     pos, end = 0, len(data)
     size = _HEAD.size
+    unpack = _HEAD.unpack_from
     while pos + size <= end:
-        magic, length, crc = _HEAD.unpack_from(data, pos)
+        magic, length, crc = unpack(data, pos)
         if magic != MAGIC or length > MAX_PAYLOAD or pos + size + length > end:
-            break
+            return
         payload = data[pos + size : pos + size + length]
-        if zlib.crc32(payload) != crc:
-            break
-        payloads.append(payload)
+        if _crc32(payload) != crc:
+            return
         pos += size + length
-    return payloads, pos
+        yield payload, pos
+
+
+def scan(data: bytes) -> tuple[list[bytes], int]:
+    """The payloads of the complete, intact frames from the start of `data`, and the offset where
+    they end."""
+    payloads: list[bytes] = []
+    end = 0
+    for payload, frame_end in frames(data):
+        payloads.append(payload)
+        end = frame_end
+    return payloads, end
 
 
 class SpoolError(Exception):
@@ -575,8 +585,8 @@ class Spool:
 
     # ------------------------------------------------------------------ shipping
     def read(self, path: Path) -> Iterator[bytes]:
-        payloads, _ = scan(path.read_bytes())
-        return iter(payloads)
+        """The records of a sealed segment, read one at a time."""
+        return (payload for payload, _ in frames(path.read_bytes()))
 
     def shipped(self, path: Path) -> None:
         """The sink confirmed everything in `path`: it may go."""
