@@ -191,6 +191,10 @@ class ResultMask:
     def _missed(self, position: int, raw: bytes) -> bytes:
         """The field of a value the memo of the plan's `position`-th column does not hold."""
         _, memo, col, _ = self._plan[position]
+        return self._remember(memo, col, raw)
+
+    def _remember(self, memo: dict[bytes, bytes], col: _Column, raw: bytes) -> bytes:
+        """The field of a value its column's memo lacks, kept there while the memo has room."""
         field = self._field(col, raw, self._encoding)
         if len(raw) <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
             memo[raw] = field
@@ -204,7 +208,6 @@ class ResultMask:
         head = _ROW_HEAD.unpack_from
         pack_head = _MESSAGE_HEAD.pack
         plan = self._plan  # (column index, memo, column) in column order
-        encoding = self._encoding
         parts: list[bytes] = []
         done = start  # data[done:pos] is unchanged and not yet in parts
         pos = start
@@ -241,9 +244,7 @@ class ResultMask:
                     raw = data[p + 4 : nxt]
                     field = memo.get(raw)  # type: ignore[assignment]
                     if field is None:
-                        field = self._field(col, raw, encoding)
-                        if flen <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
-                            memo[raw] = field
+                        field = self._remember(memo, col, raw)
                 if field is not _SAME:
                     if at < 0:
                         if pos > done:
@@ -272,7 +273,6 @@ class ResultMask:
         pack_head = _MESSAGE_HEAD.pack
         ((target, memo, col, const),) = self._plan
         skip = range(target)
-        encoding = self._encoding
         parts: list[bytes] = []
         append = parts.append
         done = start
@@ -300,9 +300,7 @@ class ResultMask:
                         raw = data[p + 4 : nxt]
                         field = memo.get(raw)
                         if field is None:
-                            field = self._field(col, raw, encoding)
-                            if flen <= _MEMO_VALUE_LIMIT and len(memo) < _MEMO_LIMIT:
-                                memo[raw] = field
+                            field = self._remember(memo, col, raw)
                     if field is not _SAME:
                         # fewer, larger pieces: the rows before (rarely any), the rewritten
                         # head of this row up to its new value, what follows the value
