@@ -141,6 +141,13 @@ class S3Store:
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint_url={self.endpoint_url!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled for the shipper's process, which makes its own client (a client holds sockets)
+        return (
+            _s3_store,
+            (self.bucket, self.prefix, self.region, self.endpoint_url, self.object_lock, self.sse),
+        )
+
     def _error(self, action: str, what: str, e: Exception) -> StoreError:
         return StoreError(_redact(f"cannot {action} s3://{self.bucket}/{what}: {_cause(e)}"))
 
@@ -199,3 +206,16 @@ class S3Store:
                         yield name[start:]
         except (BotoCoreError, ClientError) as e:
             raise self._error("list", full + "*", e) from e
+
+
+def _s3_store(
+    bucket: str,
+    prefix: str,
+    region: str | None,
+    endpoint_url: str | None,
+    object_lock: ObjectLock | None,
+    sse: ServerSideEncryption | None,
+) -> S3Store:
+    return S3Store(
+        bucket, prefix, region=region, endpoint_url=endpoint_url, object_lock=object_lock, sse=sse
+    )

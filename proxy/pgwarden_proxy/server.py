@@ -29,7 +29,8 @@ from pgwarden_proxy.masking.rules import ColumnRule, MaskRules
 from pgwarden_proxy.masking.strategies import Masker
 from pgwarden_proxy.metrics import ProxyMetrics
 from pgwarden_proxy.policy import PolicyStore
-from pgwarden_proxy.recording.recorder import Recorder, store_for
+from pgwarden_proxy.recording.recorder import Recorder
+from pgwarden_proxy.recording.shipper import store_for
 from pgwarden_proxy.reload import LIVE_FIELDS, ConfigWatcher, restart_fields
 from pgwarden_proxy.session import Session, new_backend_key
 from pgwarden_proxy.sql.classify import Analyzer

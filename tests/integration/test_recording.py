@@ -333,6 +333,10 @@ def test_a_full_spool_refuses_statements_until_shipping_resumes(
             psycopg.connect(proxy.dsn())  # no new session either
         s3.up()
         wait_for(lambda: not list((tmp_path / "spool").glob("*.seg")), what="the spool to drain")
+        # the shipper's process reports each removed segment; the proxy counts it then
+        port = proxy.thread.server.health_port
+        assert port is not None
+        wait_for(lambda: metric(port, "pgwarden_recording_spool_bytes") < 65536, what="the count")
         assert conn.execute("SELECT 'back'").fetchone() == ("back",)
     proxy.thread.stop(grace=2)
     store = S3Store(bucket, "audit/", endpoint_url=s3.endpoint_url)

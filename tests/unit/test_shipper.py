@@ -9,7 +9,12 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
+import pickle
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from pgwarden.api.config import Recording
 from pgwarden.recording.format import (
     Manifest,
     encode_event,
@@ -33,8 +39,9 @@ from pgwarden.recording.format import (
 )
 from pgwarden.recording.s3 import S3Store
 from pgwarden.recording.store import FileStore, Store, StoreError
-from pgwarden_proxy.recording import shipper as shipper_module
+from pgwarden_proxy.recording import shipper_process
 from pgwarden_proxy.recording.shipper import Shipper
+from pgwarden_proxy.recording.shipper_process import ShipperProcess
 from pgwarden_proxy.recording.spool import Spool, Track, session_meta
 from tests.s3server import MotoServer
 
@@ -342,34 +349,6 @@ def two_segments(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[i
     return base, counts, b
 
 
-def test_reading_a_segment_pauses_for_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The shipper lets go of the GIL every GIL_YIELD_EVERY records, so that a large segment
-    does not hold the proxy's event loop up (it waits for the GIL otherwise)."""
-    spool, _ = new_spool(tmp_path / "spool")
-    a = Session("a-1")
-    spool.append(*a.start())
-    for i in range(1000):
-        spool.append(*a.statement(f"SELECT {i}"))
-    a.end(spool)
-    spool.close()
-    pauses: list[float] = []
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        pauses.append(seconds)
-        real_sleep(seconds)
-
-    monkeypatch.setattr("pgwarden_proxy.recording.shipper.time.sleep", sleep)
-    store = FileStore(tmp_path / "sink")
-    Shipper(spool, store).ship_all()
-    monkeypatch.undo()
-
-    assert pauses.count(0) >= 1003 // shipper_module.GIL_YIELD_EVERY
-    assert_session_complete(store, a)
-
-
 @pytest.mark.parametrize("fail_at", range(1, 10))
 def test_a_segment_is_deleted_only_after_every_put(
     tmp_path: Path, two_segments: tuple[Path, list[int], Session], fail_at: int
@@ -438,6 +417,7 @@ def shippers() -> Iterator[list[Shipper]]:
     started: list[Shipper] = []
     yield started
     for shipper in started:
+        assert isinstance(shipper.spool, Spool)
         shipper.spool.close()
         shipper.stop(5)
 
@@ -522,3 +502,169 @@ def test_shipping_resumes_after_s3_was_down(
     assert list(spool.dir.glob("*.open")) == []
     assert spool.stats.bytes == 0
     assert_session_complete(s3_store, a)
+
+
+# ---------------------------------------------------------------------------------- the process
+class StuckStore:
+    """A sink whose every put hangs (pickled into the shipper's process)."""
+
+    def __init__(self, root: Path) -> None:
+        self.store = FileStore(root)
+        self.url = self.store.url
+
+    def put(self, key: str, data: bytes) -> None:
+        time.sleep(3600)
+
+    def get(self, key: str) -> bytes:
+        return self.store.get(key)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return self.store.list(prefix)
+
+
+def config_for(spool_dir: Path, sink_dir: Path) -> Recording:
+    return Recording.model_validate(
+        {"spoolDir": str(spool_dir), "sink": {"file": {"dir": str(sink_dir)}}}
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ShipperProcess]]:
+    started: list[ShipperProcess] = []
+    yield started
+    for process in started:
+        process.spool.close()
+        process.stop(5)
+
+
+def shipping_process(
+    directory: Path, store: Store, processes: list[ShipperProcess]
+) -> tuple[Spool, Durable, ShipperProcess]:
+    """A running spool whose sealed segments a shipper process uploads."""
+    woken: list[ShipperProcess] = []
+    spool, durable = new_spool(directory, on_sealed=lambda: woken[0].wake(), segment_bytes=4096)
+    process = ShipperProcess(config_for(directory, directory.parent / "unused"), spool, store)
+    woken.append(process)
+    processes.append(process)
+    process.start()
+    return spool, durable, process
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_the_shipper_process_ships_and_the_spool_counts_what_it_removed(
+    tmp_path: Path, processes: list[ShipperProcess]
+) -> None:
+    store = FileStore(tmp_path / "sink")
+    spool, durable, process = shipping_process(tmp_path / "spool", store, processes)
+    a = Session("a-1")
+    write_session(spool, durable, a, 300)
+    spool.close()
+    wait_for(lambda: spool.sealed() == [] and spool.stats.bytes == 0, what="every segment")
+    assert spool.stats.segments == 0
+    assert process.stop(5)
+    assert process._proc is not None
+    assert process._proc.returncode == 0
+    assert process.segments >= 3
+    assert process.objects >= process.segments
+    assert process.error is None
+    assert process.last_success > 0
+    assert_session_complete(store, a)
+
+
+def test_a_shipper_process_that_dies_is_restarted(
+    tmp_path: Path, processes: list[ShipperProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_process, "RESTART_DELAY", 0.05)
+    store = FileStore(tmp_path / "sink")
+    spool, durable, process = shipping_process(tmp_path / "spool", store, processes)
+    a, b = Session("a-1"), Session("b-2")
+    write_session(spool, durable, a, 100)
+    wait_for(lambda: process.segments >= 2, what="segments shipped by the first process")
+    shipped = process.objects
+    assert process._proc is not None
+    first = process._proc.pid
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: process.restarts == 1, what="a new shipper process")
+    assert process._proc.pid != first
+    assert process.error is not None
+    assert "exited (code -9)" in process.error
+    write_session(spool, durable, b, 100)
+    spool.close()
+    wait_for(lambda: spool.stats.bytes == 0, what="every segment")
+    assert process.error is None  # the new process reported its first success
+    assert process.objects > shipped  # the counts go on from the first process's
+    assert process.stop(5)
+    assert_session_complete(store, a)
+    assert_session_complete(store, b)
+
+
+def test_the_shipper_process_dies_with_the_proxy(tmp_path: Path) -> None:
+    """A killed proxy takes its shipper along: a restarted proxy never ships beside it."""
+    script = f"""
+import sys, time
+from pathlib import Path
+from pgwarden.api.config import Recording
+from pgwarden.recording.store import FileStore
+from pgwarden_proxy.recording.shipper_process import ShipperProcess
+from pgwarden_proxy.recording.spool import Spool
+spool = Spool(Path({str(tmp_path / "spool")!r}), segment_bytes=1 << 20, max_bytes=1 << 30,
+              ship_interval=60, on_durable=lambda t: None, on_failed=lambda m: None)
+spool.open()
+config = Recording.model_validate(
+    {{"spoolDir": str(spool.dir), "sink": {{"file": {{"dir": {str(tmp_path / "sink")!r}}}}}}})
+process = ShipperProcess(config, spool, FileStore(Path({str(tmp_path / "sink")!r})))
+process.start()
+print(process._proc.pid, flush=True)
+time.sleep(60)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proxy = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proxy.stdout is not None
+        child = int(proxy.stdout.readline())
+        assert alive(child)
+    finally:
+        proxy.kill()
+        proxy.wait()
+    wait_for(lambda: not alive(child), timeout=5, what="the shipper process to die")
+
+
+def test_a_stuck_sink_does_not_hold_the_stop_up(
+    tmp_path: Path, processes: list[ShipperProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_process, "EXIT_GRACE", 0.5)
+    spool, durable, process = shipping_process(
+        tmp_path / "spool", StuckStore(tmp_path / "sink"), processes
+    )
+    write_session(spool, durable, Session("a-1"), 100)
+    spool.close()
+    assert not process.stop(0.2)  # segments left for the next start
+    assert process._proc is not None
+    assert process._proc.returncode is not None  # gone: its upload is abandoned, not waited for
+    assert spool.sealed()
+
+
+def test_the_shipper_process_ships_to_s3(
+    tmp_path: Path, s3_store: S3Store, processes: list[ShipperProcess]
+) -> None:
+    """The S3 store is pickled into the child (which makes its own client)."""
+    spool, durable, process = shipping_process(tmp_path / "spool", s3_store, processes)
+    a = Session("a-1")
+    write_session(spool, durable, a, 200)
+    spool.close()
+    wait_for(lambda: spool.stats.bytes == 0, what="every segment")
+    assert process.stop(5)
+    assert_session_complete(s3_store, a)
+    copy = pickle.loads(pickle.dumps(s3_store))
+    assert (copy.url, copy.endpoint_url, copy.region) == (
+        s3_store.url,
+        s3_store.endpoint_url,
+        s3_store.region,
+    )

@@ -1,6 +1,7 @@
 """Session recordings: each session's events, hash-chained, into the spool; shipped to the sink.
 
-Runs on the event loop, except the spool's writer and the shipper, which are threads. A session
+Runs on the event loop, except the spool's writer (a thread) and the shipper (a process of its
+own: shipper_process). A session
 asks `when_durable(ticket)` before it forwards a statement: the statement's event is on disk by
 then (see docs/recording.md).
 """
@@ -20,10 +21,9 @@ import orjson
 
 from pgwarden.api.config import Recording
 from pgwarden.recording.format import VERSION, EventType, encode_event, genesis, iso
-from pgwarden.recording.s3 import S3Store
-from pgwarden.recording.store import FileStore, Store
+from pgwarden.recording.store import Store
 from pgwarden_proxy.events import StatementEvent
-from pgwarden_proxy.recording.shipper import Shipper
+from pgwarden_proxy.recording.shipper_process import ShipperProcess
 from pgwarden_proxy.recording.spool import Spool, SpoolError, Track, session_meta
 from pgwarden_proxy.wire.messages import ErrorInfo
 
@@ -41,31 +41,6 @@ _sha256 = hashlib.sha256
 _dumps, _NON_STR_KEYS = orjson.dumps, orjson.OPT_NON_STR_KEYS
 
 Waiter = Callable[[bool], None]
-
-
-def store_for(config: Recording) -> Store | None:
-    sink = config.sink
-    if sink is None:
-        return None
-    if sink.file is not None:
-        return FileStore(sink.file.dir)
-    assert sink.s3 is not None
-    return S3Store.from_sink(sink.s3)
-
-
-def load_signing_key(config: Recording) -> Any:
-    if config.signing_key_file is None:
-        return None
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    try:
-        key = load_pem_private_key(config.signing_key_file.read_bytes(), password=None)
-    except (OSError, ValueError) as e:
-        raise SpoolError(f"recording.signingKeyFile cannot be used: {e}") from e
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SpoolError("recording.signingKeyFile must hold an Ed25519 private key (PEM)")
-    return key
 
 
 class Recorder:
@@ -87,7 +62,7 @@ class Recorder:
             on_failed=self._failed_from_thread,
             on_sealed=lambda: self.shipper.wake(),
         )
-        self.shipper = Shipper(self.spool, store, signing_key=load_signing_key(config))
+        self.shipper = ShipperProcess(config, self.spool, store)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

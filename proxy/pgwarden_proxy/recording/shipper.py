@@ -2,7 +2,8 @@
 
 A segment is deleted only after the sink confirmed every object made from it; a failure is
 retried with backoff, from the same segment, and uploads are idempotent (same keys, same bytes),
-so a crash at any point ships everything exactly once in the end.
+so a crash at any point ships everything exactly once in the end. The proxy runs the shipper in
+a process of its own (shipper_process).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
+from pgwarden.api.config import Recording
 from pgwarden.recording.format import (
     Manifest,
     SessionIndex,
@@ -25,17 +28,47 @@ from pgwarden.recording.format import (
     session_prefix,
     sign_manifest,
 )
-from pgwarden.recording.store import Store, StoreError
-from pgwarden_proxy.recording.spool import Spool
+from pgwarden.recording.store import FileStore, Store, StoreError
+from pgwarden_proxy.recording.spool import SpoolError
 
 log = logging.getLogger("pgwarden.recording")
 
-# Reading a segment is ~5 us of Python per record, with the GIL, in this thread. Without a
-# pause, the event loop waits for the GIL up to the interpreter's switch interval (5 ms) each
-# time it wakes while a segment is read: under load, stalls of ~10 ms for every session
-# (pgbench -S -c 8: ~90 of 38,000 transactions over 10 ms per 6 s, against ~10 with a pause
-# every 128 records, and 0-11 without recording).
-GIL_YIELD_EVERY = 128
+
+def store_for(config: Recording) -> Store | None:
+    sink = config.sink
+    if sink is None:
+        return None
+    if sink.file is not None:
+        return FileStore(sink.file.dir)
+    assert sink.s3 is not None
+    from pgwarden.recording.s3 import S3Store  # (boto3: only where S3 is the sink)
+
+    return S3Store.from_sink(sink.s3)
+
+
+def load_signing_key(config: Recording) -> Any:
+    if config.signing_key_file is None:
+        return None
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(config.signing_key_file.read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise SpoolError(f"recording.signingKeyFile cannot be used: {e}") from e
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SpoolError("recording.signingKeyFile must hold an Ed25519 private key (PEM)")
+    return key
+
+
+class Segments(Protocol):
+    """The sealed segments of a spool (spool.SealedSegments, or the Spool itself)."""
+
+    def sealed(self) -> list[Path]: ...
+
+    def read(self, path: Path) -> Iterator[bytes]: ...
+
+    def shipped(self, path: Path) -> None: ...
 
 
 class _Chunk:
@@ -51,16 +84,18 @@ class _Chunk:
 class Shipper:
     def __init__(
         self,
-        spool: Spool,
+        spool: Segments,
         store: Store,
         *,
         signing_key: Any = None,
         backoff: tuple[float, float] = (0.2, 30.0),
+        on_status: Callable[[Shipper], None] = lambda shipper: None,
     ) -> None:
         self.spool = spool
         self.store = store
         self.signing_key = signing_key
         self.backoff = backoff
+        self._on_status = on_status  # after each segment shipped and each failure
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,10 +143,14 @@ class Shipper:
                         "recording: the sink is unreachable, retrying", extra={"error": str(e)}
                     )
                 self.error = str(e)
+                self._on_status(self)
                 self._wake.wait(delay)
                 delay = min(delay * 2, self.backoff[1])
-            except Exception:
+            except Exception as e:
                 log.exception("recording: shipping failed")
+                self.failures += 1
+                self.error = f"shipping failed: {e!r}"
+                self._on_status(self)
                 self._wake.wait(self.backoff[1])
             self._wake.clear()
 
@@ -124,15 +163,14 @@ class Shipper:
                 log.info("recording: the sink is reachable again")
                 self.error = None
             self.last_success = time.time()
+            self._on_status(self)
 
     def ship(self, path: Path) -> None:
         chunks: dict[str, _Chunk] = {}
         prefixes: dict[str, str] = {}
         indexes: list[SessionIndex] = []
         manifests: list[tuple[str, dict[str, Any]]] = []
-        for i, payload in enumerate(self.spool.read(path)):
-            if i % GIL_YIELD_EVERY == 0:
-                time.sleep(0)  # see GIL_YIELD_EVERY
+        for payload in self.spool.read(path):
             obj = orjson.loads(payload)
             kind = obj.get("spool")
             if kind == "checkpoint":

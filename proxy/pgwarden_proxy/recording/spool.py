@@ -176,6 +176,42 @@ class SpoolStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make the directory's entries durable (a file created, renamed or removed in it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SealedSegments:
+    """A spool directory's sealed segments: what the shipper reads and removes. The shipper runs
+    in a process of its own (shipper_process), so nothing here touches the writing side; it
+    learns of a removal through `on_removed(size)`."""
+
+    def __init__(
+        self, directory: Path, on_removed: Callable[[int], None] = lambda size: None
+    ) -> None:
+        self.dir = directory
+        self._on_removed = on_removed
+
+    def sealed(self) -> list[Path]:
+        """Segments ready to ship, oldest first."""
+        return sorted(self.dir.glob("*.seg"))
+
+    def read(self, path: Path) -> Iterator[bytes]:
+        """The records of a sealed segment, read one at a time."""
+        return (payload for payload, _ in frames(path.read_bytes()))
+
+    def shipped(self, path: Path) -> None:
+        """The sink confirmed everything in `path`: it may go."""
+        size = path.stat().st_size
+        path.unlink()
+        fsync_dir(self.dir)
+        self._on_removed(size)
+
+
 class Spool:
     def __init__(
         self,
@@ -189,6 +225,7 @@ class Spool:
         on_sealed: Callable[[], None] = lambda: None,
     ) -> None:
         self.dir = directory
+        self.segments = SealedSegments(directory, on_removed=self.released)
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
         self.hard_limit = max_bytes + max(1024 * 1024, max_bytes // 20)
@@ -296,7 +333,7 @@ class Spool:
 
     def sealed(self) -> list[Path]:
         """Segments ready to ship, oldest first."""
-        return sorted(self.dir.glob("*.seg"))
+        return self.segments.sealed()
 
     # ------------------------------------------------------------------ writing
     def start(self) -> None:
@@ -559,11 +596,7 @@ class Spool:
         return True
 
     def _fsync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.dir)
 
     def _fail(self, message: str) -> None:
         """(Holding the condition.) Nothing more is written: what is not durable is lost, and
@@ -585,14 +618,13 @@ class Spool:
 
     # ------------------------------------------------------------------ shipping
     def read(self, path: Path) -> Iterator[bytes]:
-        """The records of a sealed segment, read one at a time."""
-        return (payload for payload, _ in frames(path.read_bytes()))
+        return self.segments.read(path)
 
     def shipped(self, path: Path) -> None:
-        """The sink confirmed everything in `path`: it may go."""
-        size = path.stat().st_size
-        path.unlink()
-        self._fsync_dir()
+        self.segments.shipped(path)
+
+    def released(self, size: int) -> None:
+        """A sealed segment of `size` bytes was shipped and removed (by the shipper's process)."""
         with self._cond:
             self.stats.bytes -= size
             self.stats.segments -= 1
