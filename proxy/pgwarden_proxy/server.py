@@ -297,6 +297,16 @@ class ProxyServer:
         if self.draining:
             return
         self.draining = True
+        try:
+            await self._drain_and_close(grace)
+        except Exception:  # the process must still end (a hung proxy holds its pod and port)
+            log.exception("shutdown: a step failed; stopping anyway")
+        finally:
+            if self._stopped is not None:
+                self._stopped.set()
+            log.info("stopped")
+
+    async def _drain_and_close(self, grace: float | None) -> None:
         grace = self.config.limits.shutdown_grace.total_seconds() if grace is None else grace
         if self._server is not None:
             self._server.close()
@@ -323,9 +333,6 @@ class ProxyServer:
         self.catalog.close()
         if self.recorder is not None:
             await self.recorder.stop()
-        if self._stopped is not None:
-            self._stopped.set()
-        log.info("stopped")
 
     async def serve_forever(self, install_signals: bool = True) -> None:
         await self.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -268,3 +269,21 @@ def test_a_1gb_result_streams_with_bounded_memory(
     # Bounded: a few socket buffers and read chunks, not the result (1 GiB)
     assert stalled - before < 64 * 1024, (before, stalled)
     assert peak - before < 128 * 1024, (before, peak)
+
+
+def test_a_failing_shutdown_step_still_stops_the_proxy(
+    proxy: RunningProxy, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Otherwise the process would wait forever for a stop that never comes (a hung pod)."""
+    server = proxy.thread.server
+
+    def broken() -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(server.catalog, "close", broken)
+    with caplog.at_level(logging.INFO, logger="pgwarden.proxy"):
+        proxy.thread.stop(grace=1)
+    assert server._stopped is not None
+    assert server._stopped.is_set()  # serve_forever returns: the process exits
+    messages = [r.getMessage() for r in caplog.records if r.name == "pgwarden.proxy"]
+    assert messages[-2:] == ["shutdown: a step failed; stopping anyway", "stopped"]
