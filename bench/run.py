@@ -146,7 +146,8 @@ def start_pgwarden(
             }
         ],
         "metrics": {"host": "127.0.0.1", "port": free_port()},
-        "logging": {"statements": statement_log},
+        # with recording on, the default (unset) logs no statements: the recording keeps them
+        "logging": {} if recording and statement_log else {"statements": statement_log},
     }
     if recording:  # spool and recordings on this machine's disk, fsynced as in production
         config["recording"] = {

@@ -202,8 +202,10 @@ class Limits(Model):
 
 class Logging(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    # one log line per statement; off leaves session start/end only (the recorder keeps statements)
-    statements: bool = True
+    # One log line per statement; off leaves session start and end only. Unset: on, unless the
+    # session recording is on: the recording keeps every statement, tamper-evident, and the log
+    # would copy statement texts and parameters (personal data) into log pipelines beside it.
+    statements: bool | None = None
 
 
 class Peers(Model):
@@ -250,6 +252,13 @@ class ProxyConfig(Model):
     limits: Limits = Field(default_factory=Limits)
     logging: Logging = Field(default_factory=Logging)
     peers: Peers = Field(default_factory=Peers)
+
+    @property
+    def statement_log(self) -> bool:
+        """Whether each statement gets a log line (`logging.statements`, or its default)."""
+        if self.logging.statements is not None:
+            return self.logging.statements
+        return self.recording.sink is None
 
     @model_validator(mode="after")
     def _unique_policy_names(self) -> ProxyConfig:

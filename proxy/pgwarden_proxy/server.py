@@ -82,7 +82,7 @@ class ProxyServer:
         config_path: Path | None = None,
     ) -> None:
         self.config = config
-        self.sink: EventSink = sink or LogEventSink(statements=config.logging.statements)
+        self.sink: EventSink = sink or LogEventSink(statements=config.statement_log)
         self.policy = PolicyStore(self.policies_for)
         self.catalog = Catalog(config.upstream)
         self.planner = Planner(self.catalog)

@@ -21,6 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pgwarden.api.config import ProxyConfig
 from pgwarden.embedded.issuer import LocalIssuer
 from pgwarden_proxy.wire import messages as m
 from tests.integration.conftest import Database, RunningProxy, base_config
@@ -287,3 +288,39 @@ def test_a_failing_shutdown_step_still_stops_the_proxy(
     assert server._stopped.is_set()  # serve_forever returns: the process exits
     messages = [r.getMessage() for r in caplog.records if r.name == "pgwarden.proxy"]
     assert messages[-2:] == ["shutdown: a step failed; stopping anyway", "stopped"]
+
+
+@pytest.mark.parametrize("statements", [None, True])
+def test_with_recording_on_statements_are_logged_only_when_asked(
+    tmp_path: Path, db: Database, issuer: LocalIssuer, statements: bool | None
+) -> None:
+    """The recording keeps every statement: by default the log then keeps sessions only."""
+    recording = {"spoolDir": str(tmp_path / "spool"), "sink": {"file": {"dir": str(tmp_path)}}}
+    logging_ = {} if statements is None else {"statements": statements}
+    proc, port, log = run_cli_proxy(
+        tmp_path, db, issuer, metrics={"port": None}, recording=recording, logging=logging_
+    )
+    dsn = f"host=127.0.0.1 port={port} dbname=app user=a password={issuer.mint()} sslmode=disable"
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT 'logged?'")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    messages = [json.loads(line)["msg"] for line in log.read_text().splitlines()]
+    assert "session_start" in messages
+    assert "session_end" in messages
+    assert ("statement" in messages) is bool(statements)
+    recorded = [p.read_text() for p in (tmp_path / "sessions").rglob("*.jsonl")]
+    assert any("SELECT 'logged?'" in text for text in recorded)
+
+
+def test_the_statement_log_is_on_by_default_without_recording(
+    tmp_path: Path, db: Database, issuer: LocalIssuer
+) -> None:
+    cfg = ProxyConfig.model_validate(base_config(db.pg, db.password, issuer))
+    assert cfg.statement_log
+    off = base_config(db.pg, db.password, issuer, logging={"statements": False})
+    assert not ProxyConfig.model_validate(off).statement_log
