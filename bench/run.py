@@ -328,7 +328,10 @@ def report(
         "median of rounds\n"
     )
     print("policy = pgwarden with guardrails, one masked column and three detectors")
-    print("recorded = pgwarden recording every statement (spool fsynced, file sink)\n")
+    print(
+        "recorded = pgwarden recording every statement (spool fsynced, file sink; by default"
+        " its statements are not also logged)\n"
+    )
     head = (
         f"{'workload':20} {'unit':7} {'direct':>9} {'pgbouncer':>9} {'pgwarden':>9} "
         f"{'policy':>9} {'recorded':>9} {'bouncer/dir':>11} {'warden/dir':>10} "

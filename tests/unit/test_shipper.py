@@ -252,7 +252,7 @@ def test_objects_and_keys_as_documented(tmp_path: Path) -> None:
     (segment,) = spool.sealed()
 
     store = LoggingStore(FileStore(tmp_path / "sink"))
-    shipper = Shipper(spool, store)
+    shipper = Shipper(spool.segments, store)
     shipper.ship_all()
 
     assert spool.sealed() == []
@@ -307,7 +307,7 @@ def test_a_session_across_segments_is_one_chunk_per_segment(tmp_path: Path) -> N
     assert len(segments) >= 3
 
     store = FileStore(tmp_path / "sink")
-    Shipper(spool, store).ship_all()
+    Shipper(spool.segments, store).ship_all()
     assert spool.sealed() == []
     chunks = assert_session_complete(store, a)
     assert len(chunks) >= 3  # (the last segment may hold the manifest alone)
@@ -342,7 +342,7 @@ def two_segments(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[i
     store = LoggingStore(FileStore(base / "sink"))
     for path in shipping.sealed():
         before = store.calls
-        Shipper(shipping, store).ship(path)
+        Shipper(shipping.segments, store).ship(path)
         counts.append(store.calls - before)
     shipping.close()
     assert counts == [2 + 2 * 2, 2 + 1]  # chunks, then two index objects per start; manifest
@@ -357,7 +357,7 @@ def test_a_segment_is_deleted_only_after_every_put(
     spool = reopen(shutil.copytree(base / "spool", tmp_path / "spool"))
     segments = spool.sealed()
     store = LoggingStore(FileStore(tmp_path / "sink"), fail_at=fail_at)
-    shipper = Shipper(spool, store)
+    shipper = Shipper(spool.segments, store)
 
     with pytest.raises(StoreError, match=f"put #{fail_at}"):
         shipper.ship_all()
@@ -389,7 +389,7 @@ def test_the_manifest_is_signed_with_the_signing_key(tmp_path: Path) -> None:
     spool.close()
     key = Ed25519PrivateKey.generate()
     store = FileStore(tmp_path / "sink")
-    Shipper(spool, store, signing_key=key).ship_all()
+    Shipper(spool.segments, store, signing_key=key).ship_all()
 
     manifest = Manifest.model_validate_json(store.get(manifest_key(a.prefix)))
     assert manifest.signature is not None
@@ -413,24 +413,23 @@ def s3_store(s3: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 @pytest.fixture
-def shippers() -> Iterator[list[Shipper]]:
-    started: list[Shipper] = []
+def shippers() -> Iterator[list[tuple[Spool, Shipper]]]:
+    started: list[tuple[Spool, Shipper]] = []
     yield started
-    for shipper in started:
-        assert isinstance(shipper.spool, Spool)
-        shipper.spool.close()
+    for spool, shipper in started:
+        spool.close()
         shipper.stop(5)
 
 
 def shipping(
-    directory: Path, store: Store, shippers: list[Shipper], **options: Any
+    directory: Path, store: Store, shippers: list[tuple[Spool, Shipper]], **options: Any
 ) -> tuple[Spool, Durable, Shipper]:
     """A running spool whose sealed segments a running shipper uploads."""
     woken: list[Shipper] = []
     spool, durable = new_spool(directory, on_sealed=lambda: woken[0].wake(), **options)
-    shipper = Shipper(spool, store, backoff=(0.05, 0.5))
+    shipper = Shipper(spool.segments, store, backoff=(0.05, 0.5))
     woken.append(shipper)
-    shippers.append(shipper)
+    shippers.append((spool, shipper))
     shipper.start()
     return spool, durable, shipper
 
@@ -447,7 +446,7 @@ def write_session(spool: Spool, durable: Durable, s: Session, n: int, group: int
 
 
 def test_a_long_session_arrives_complete_in_s3(
-    tmp_path: Path, s3_store: S3Store, shippers: list[Shipper]
+    tmp_path: Path, s3_store: S3Store, shippers: list[tuple[Spool, Shipper]]
 ) -> None:
     spool, durable, shipper = shipping(tmp_path / "spool", s3_store, shippers, segment_bytes=4096)
     a, b = Session("a-1"), Session("b-2", identity="jane@example.org")
@@ -476,7 +475,7 @@ def test_a_long_session_arrives_complete_in_s3(
 
 
 def test_shipping_resumes_after_s3_was_down(
-    tmp_path: Path, s3: MotoServer, s3_store: S3Store, shippers: list[Shipper]
+    tmp_path: Path, s3: MotoServer, s3_store: S3Store, shippers: list[tuple[Spool, Shipper]]
 ) -> None:
     s3.down()
     try:

@@ -517,7 +517,7 @@ def test_torn_tail_is_dropped_and_open_sessions_recovered(tmp_path: Path, make: 
     h = make(spool_dir)
     assert set(h.open()) == {"a"}
     (old,) = h.spool.sealed()
-    h.spool.shipped(old)
+    h.spool.segments.shipped(old)
     c = Chain("c")
     for record in (a.statement("SELECT 3"), c.start(), c.statement(), a.statement("SELECT 4")):
         h.append_durable(record)
@@ -566,7 +566,7 @@ def test_torn_first_record_after_a_checkpoint(tmp_path: Path, make: Any) -> None
 
     h = make(spool_dir)
     h.open()
-    h.spool.shipped(h.spool.sealed()[0])
+    h.spool.segments.shipped(h.spool.sealed()[0])
     h.append_durable(a.statement("SELECT 'torn'"))
     crashed = crash_copy(spool_dir, tmp_path / "crashed")
     (open_seg,) = crashed.glob("*.open")
@@ -595,7 +595,7 @@ def test_an_idle_session_is_recovered_after_its_segments_were_shipped(
     h.append_durable(a.start())
     h.append_durable(a.statement())
     wait_for(lambda: len(h.spool.sealed()) == 1, what="the segment sealed by age")
-    h.spool.shipped(h.spool.sealed()[0])
+    h.spool.segments.shipped(h.spool.sealed()[0])
 
     def checkpoint_on_disk() -> bool:
         return any(scan(p.read_bytes())[0] for p in spool_dir.glob("*.open"))
@@ -645,7 +645,7 @@ def test_full_at_max_bytes_until_segments_are_shipped(tmp_path: Path, make: Any)
         what="the bytes counted to be the bytes on disk",
     )
     for seg in h.spool.sealed():
-        h.spool.shipped(seg)
+        h.spool.segments.shipped(seg)
     assert not h.spool.full
     wait_for(
         lambda: h.spool.stats.bytes == size_on_disk(tmp_path / "spool"),
@@ -673,7 +673,7 @@ def test_past_its_bound_the_spool_takes_nothing_more(tmp_path: Path, make: Any) 
 
     def ship() -> bool:
         for seg in h.spool.sealed():
-            h.spool.shipped(seg)
+            h.spool.segments.shipped(seg)
         return not h.spool.full
 
     wait_for(ship, what="room in the spool")

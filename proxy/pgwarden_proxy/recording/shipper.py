@@ -62,7 +62,7 @@ def load_signing_key(config: Recording) -> Any:
 
 
 class Segments(Protocol):
-    """The sealed segments of a spool (spool.SealedSegments, or the Spool itself)."""
+    """The sealed segments of a spool (spool.SealedSegments)."""
 
     def sealed(self) -> list[Path]: ...
 
@@ -149,7 +149,7 @@ class Shipper:
             except Exception as e:
                 log.exception("recording: shipping failed")
                 self.failures += 1
-                self.error = f"shipping failed: {e!r}"
+                self.error = f"shipping failed ({type(e).__name__}; see the log)"
                 self._on_status(self)
                 self._wake.wait(self.backoff[1])
             self._wake.clear()

@@ -114,7 +114,8 @@ class ShipperProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(to_child_r), str(from_child_w)],
+                # -P: not the working directory first on the path, only PYTHONPATH's
+                [sys.executable, "-P", "-m", __name__, str(to_child_r), str(from_child_w)],
                 pass_fds=(to_child_r, from_child_w),
                 stdin=subprocess.DEVNULL,
                 stdout=2,  # (the pipe is the channel; anything printed goes to the log)

@@ -617,12 +617,6 @@ class Spool:
         self._on_failed(message)
 
     # ------------------------------------------------------------------ shipping
-    def read(self, path: Path) -> Iterator[bytes]:
-        return self.segments.read(path)
-
-    def shipped(self, path: Path) -> None:
-        self.segments.shipped(path)
-
     def released(self, size: int) -> None:
         """A sealed segment of `size` bytes was shipped and removed (by the shipper's process)."""
         with self._cond:
