@@ -26,7 +26,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from pgwarden.api.config import Recording
 from pgwarden.recording.format import (
     Manifest,
     encode_event,
@@ -44,6 +43,7 @@ from pgwarden_proxy.recording.shipper import Shipper
 from pgwarden_proxy.recording.shipper_process import ShipperProcess
 from pgwarden_proxy.recording.spool import Spool, Track, session_meta
 from tests.s3server import MotoServer
+from tests.unit.test_spool import recording_config
 
 CONNECTION = "orders-db"
 IDENTITY = "team/bot x@example.com"
@@ -521,12 +521,6 @@ class StuckStore:
         return self.store.list(prefix)
 
 
-def config_for(spool_dir: Path, sink_dir: Path) -> Recording:
-    return Recording.model_validate(
-        {"spoolDir": str(spool_dir), "sink": {"file": {"dir": str(sink_dir)}}}
-    )
-
-
 @pytest.fixture
 def processes() -> Iterator[list[ShipperProcess]]:
     started: list[ShipperProcess] = []
@@ -542,7 +536,7 @@ def shipping_process(
     """A running spool whose sealed segments a shipper process uploads."""
     woken: list[ShipperProcess] = []
     spool, durable = new_spool(directory, on_sealed=lambda: woken[0].wake(), segment_bytes=4096)
-    process = ShipperProcess(config_for(directory, directory.parent / "unused"), spool, store)
+    process = ShipperProcess(recording_config(directory, directory.parent / "unused"), spool, store)
     woken.append(process)
     processes.append(process)
     process.start()
