@@ -661,3 +661,32 @@ def test_the_shipper_process_ships_to_s3(
         s3_store.endpoint_url,
         s3_store.region,
     )
+
+
+def test_a_shipper_process_that_cannot_be_started_again_is_retried(
+    tmp_path: Path, processes: list[ShipperProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_process, "RESTART_DELAY", 0.05)
+    store = FileStore(tmp_path / "sink")
+    spool, durable, process = shipping_process(tmp_path / "spool", store, processes)
+    real_popen = subprocess.Popen
+    attempts: list[int] = []
+
+    def failing_once(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError(24, "Too many open files")
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", failing_once)  # (shipper_process uses it)
+    assert process._proc is not None
+    os.kill(process._proc.pid, signal.SIGKILL)
+    wait_for(lambda: process.restarts == 1, what="a new shipper process, at the second attempt")
+    assert len(attempts) == 2
+    a = Session("a-1")
+    write_session(spool, durable, a, 100)
+    spool.close()
+    wait_for(lambda: spool.stats.bytes == 0, what="every segment")
+    assert process.error is None
+    assert process.stop(5)
+    assert_session_complete(store, a)

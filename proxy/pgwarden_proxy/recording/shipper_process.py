@@ -160,15 +160,25 @@ class ShipperProcess:
                 return
             self.error = f"the shipper process exited (code {code}); restarting it"
             log.error("recording: the shipper process exited, restarting it", extra={"code": code})
-            if self._stopping.wait(delay):
-                return
-            delay = min(delay * 2, RESTART_MAX)
-            with self._spawn_lock:
-                if self._stopping.is_set():
+            self._before = (self.objects, self.segments, self.failures)
+            while True:
+                if self._stopping.wait(delay):
                     return
-                self._before = (self.objects, self.segments, self.failures)
-                self.restarts += 1
-                self._spawn()
+                delay = min(delay * 2, RESTART_MAX)
+                with self._spawn_lock:
+                    if self._stopping.is_set():
+                        return
+                    try:
+                        self._spawn()
+                    except OSError as e:  # (out of processes or descriptors): try again later
+                        self.error = f"the shipper process cannot be started: {e}"
+                        log.error(
+                            "recording: the shipper process cannot be started",
+                            extra={"error": str(e)},
+                        )
+                        continue
+                    self.restarts += 1
+                    break
 
     def _on_report(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
