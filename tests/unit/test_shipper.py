@@ -588,6 +588,7 @@ def test_a_shipper_process_that_dies_is_restarted(
     assert process._proc.pid != first
     assert process.error is not None
     assert "exited (code -9)" in process.error
+    assert process.failures == 1  # counted in pgwarden_recording_ship_failures
     write_session(spool, durable, b, 100)
     spool.close()
     wait_for(lambda: spool.stats.bytes == 0, what="every segment")

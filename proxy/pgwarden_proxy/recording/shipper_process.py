@@ -160,6 +160,7 @@ class ShipperProcess:
                 return
             self.error = f"the shipper process exited (code {code}); restarting it"
             log.error("recording: the shipper process exited, restarting it", extra={"code": code})
+            self.failures += 1  # (the ship_failures metric: a crash is a failed attempt too)
             self._before = (self.objects, self.segments, self.failures)
             while True:
                 if self._stopping.wait(delay):
