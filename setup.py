@@ -1,19 +1,24 @@
-"""The one compiled piece: the proxy's per-row loops (proxy/pgwarden_proxy/wire/_rowwalk.c).
+"""The compiled pieces of the proxy: its per-row loops (proxy/pgwarden_proxy/wire/_rowwalk.c)
+and the fast path of prepared statements' executions (wire/_fastpath.c).
 
-Everything else is in pyproject.toml. The extension is optional: where no C compiler is found
-the build still succeeds and the proxy uses the pure-Python loops, which give the same bytes
-(tests/unit/test_rowwalk.py and test_framing.py compare them), only slower on large results.
+Everything else is in pyproject.toml. Both extensions are optional: where no C compiler is
+found the build still succeeds and the proxy uses its Python code, which gives the same bytes
+and events (tests/unit/test_rowwalk.py, test_framing.py and test_fastpath.py compare them),
+only slower.
 """
 
 from setuptools import Extension, setup
 
+_FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+
 setup(
     ext_modules=[
         Extension(
-            "pgwarden_proxy.wire._rowwalk",
-            ["proxy/pgwarden_proxy/wire/_rowwalk.c"],
+            f"pgwarden_proxy.wire.{name}",
+            [f"proxy/pgwarden_proxy/wire/{name}.c"],
             optional=True,
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            extra_compile_args=_FLAGS,
         )
+        for name in ("_rowwalk", "_fastpath")
     ]
 )

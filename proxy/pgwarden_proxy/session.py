@@ -29,6 +29,7 @@ from pgwarden_proxy.auth.oidc import Identity, TokenRejected
 from pgwarden_proxy.decision import Decision
 from pgwarden_proxy.endpoint import ConnectionClosed, Endpoint
 from pgwarden_proxy.events import SessionEvent, StatementEvent
+from pgwarden_proxy.fastpath import FastStatement, new_fast_path
 from pgwarden_proxy.masking.catalog import CatalogError
 from pgwarden_proxy.masking.errors import Scope, redact_report, report_scope
 from pgwarden_proxy.masking.planner import StatementPlan, fetch_cursor
@@ -46,7 +47,7 @@ from pgwarden_proxy.startup import (
     parsing_hazard,
     python_codec,
 )
-from pgwarden_proxy.tracker import Kind, Op, Tracker
+from pgwarden_proxy.tracker import Kind, Op, Tracker, tag_rows
 from pgwarden_proxy.upstream import UpstreamConnection, UpstreamError
 from pgwarden_proxy.upstream import connect as connect_upstream
 from pgwarden_proxy.wire import messages as m
@@ -54,6 +55,7 @@ from pgwarden_proxy.wire.framing import Message, ProtocolViolation, Rows, Scanne
 
 if TYPE_CHECKING:
     from pgwarden_proxy.server import ProxyServer
+    from pgwarden_proxy.wire._fastpath import Done
 
 log = logging.getLogger("pgwarden.session")
 
@@ -189,6 +191,10 @@ class Session:
             streamed=(_DATAROW, _COPYDATA), counted=_DATAROW, max_message=limits.max_message_bytes
         )
         self.tracker = Tracker(self._statement_done)
+        # executions of registered prepared statements, relayed in C (fastpath.py); while its
+        # queue is active, the tracker's requests come after the queue's
+        self._fast = new_fast_path(limits.max_message_bytes)
+        self._fast_bound = False  # the unnamed portal was last bound on the fast path
         self.policy = EffectivePolicy.combine(())  # set at login, renewed after a reload
         self._policy_generation = -1
         self._max_rows: int | None = None  # the effective policy's maxRows
@@ -461,6 +467,23 @@ class Session:
         if self._client_items is not None:  # waiting (approval, catalog): keep it for later
             self._client_backlog.append(data)
             return
+        fast = self._fast
+        if fast is not None:
+            if (
+                self._terminating is None
+                and self._policy_generation == self.server.policy.generation
+                and self._client_scanner.at_boundary
+                and (fast.active or (self.tracker.idle and self._server_scanner.at_boundary))
+            ):
+                executes = fast.client(data)
+                if executes >= 0:
+                    self.statements += executes
+                    self._fast_bound = True
+                    self._described = None
+                    assert self.upstream is not None
+                    self.upstream.endpoint.write(data)
+                    return
+            self._settle_fast()
         self._client_items = self._client_scanner.feed(data)
         self._pump_client()
 
@@ -525,15 +548,7 @@ class Session:
         """Handle one message; returns a coroutine when it must wait (it then finishes it)."""
         t = msg.type
         if t == 66:  # B Bind
-            bind = m.BindMessage.parse(msg.body)
-            prepared = self._prepared.get(bind.statement)
-            if prepared is None:
-                entry = _Portal(_UNKNOWN_STATEMENT, bind, (), None)
-            else:
-                entry = _Portal(prepared.infos[0], bind, prepared.types, prepared.plans[0])
-            self._portals[bind.portal] = entry
-            if self._described == bind.portal:
-                self._described = None
+            self._bind(m.BindMessage.parse(msg.body))
             self.tracker.request(_BIND)
         elif t == 69:  # E Execute
             return self._execute(msg, out)
@@ -576,6 +591,16 @@ class Session:
             raise ProtocolViolation(f"invalid frontend message type {chr(t)!r}")
         out.append(msg.raw)
         return None
+
+    def _bind(self, bind: m.BindMessage) -> None:
+        prepared = self._prepared.get(bind.statement)
+        if prepared is None:
+            entry = _Portal(_UNKNOWN_STATEMENT, bind, (), None)
+        else:
+            entry = _Portal(prepared.infos[0], bind, prepared.types, prepared.plans[0])
+        self._portals[bind.portal] = entry
+        if self._described == bind.portal:
+            self._described = None
 
     def _parse(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
         r = m.Reader(msg.body)
@@ -732,9 +757,11 @@ class Session:
         if info.deallocates == "*":
             saved = self._prepared
             self._prepared = {}
+            self._fast_rebuild()
 
             def restore() -> None:
                 self._prepared = {**saved, **self._prepared}
+                self._fast_rebuild()
 
             return restore
         if info.deallocates is not None:
@@ -744,6 +771,7 @@ class Session:
     def _define(self, name: str, entry: _Prepared) -> Callable[[], None]:
         before = self._prepared.get(name)
         self._prepared[name] = entry
+        self._fast_sync(name)
 
         def undo() -> None:
             if self._prepared.get(name) is entry:
@@ -751,6 +779,7 @@ class Session:
                     del self._prepared[name]
                 else:
                     self._prepared[name] = before
+                self._fast_sync(name)
 
         return undo
 
@@ -758,11 +787,127 @@ class Session:
         before = self._prepared.pop(name, None)
         if before is None:
             return None
+        self._fast_sync(name)
 
         def undo() -> None:
             self._prepared.setdefault(name, before)
+            self._fast_sync(name)
 
         return undo
+
+    # ------------------------------------------------------------------ fast path
+    def _fast_entry(self, prepared: _Prepared) -> FastStatement | None:
+        """What the fast path needs to run `prepared`'s executions; None when they must take
+        the Python path (a decision that is not a plain allow, or a session that masks, cuts
+        rows or records)."""
+        if (
+            len(prepared.infos) != 1
+            or prepared.plans[0] is not None
+            or self._rec is not None
+            or self.policy.masking
+            or self._max_rows is not None
+            or self._rewriter is not None
+        ):
+            return None
+        info = prepared.infos[0]
+        if (
+            info.prepares is not None
+            or info.deallocates is not None
+            or info.executes is not None
+            or _PARSER_SETTINGS & info.settings
+        ):
+            return None
+        decision = self.policy.decide(info)
+        if not decision.allowed or decision.hold is not None:
+            return None
+        _, statement, classes = _shown(info)
+        return FastStatement(
+            info, prepared.types, statement, classes, decision.word, decision.policy
+        )
+
+    def _fast_sync(self, name: str) -> None:
+        """The fast path follows a change of the prepared statement `name`."""
+        fast = self._fast
+        if fast is None:
+            return
+        prepared = self._prepared.get(name)
+        entry = None if prepared is None else self._fast_entry(prepared)
+        if entry is None:
+            fast.unregister(name.encode())
+        else:
+            fast.register(name.encode(), entry)
+
+    def _fast_rebuild(self) -> None:
+        """After a change of policy (or of every prepared statement)."""
+        fast = self._fast
+        if fast is None:
+            return
+        fast.clear()
+        for name in self._prepared:
+            self._fast_sync(name)
+
+    def _settle_fast(self) -> None:
+        """Hand what the fast path has in flight to the tracker, and its portal to the session,
+        before the Python path handles anything."""
+        fast = self._fast
+        assert fast is not None
+        if self._fast_bound:
+            self._fast_bound = False
+            body = fast.take_bind()
+            if body is not None:
+                self._bind(m.BindMessage.parse(body))
+        if not fast.active:
+            return
+        tracker = self.tracker
+        for item in fast.take():
+            kind = item[0]
+            if kind == 66:  # B
+                tracker.request(_BIND)
+            elif kind == 68:  # D
+                tracker.request(_DESCRIBE_PORTAL)
+            elif kind == 83:  # S
+                tracker.request(_SYNC)
+            else:  # E
+                _, entry, params, bind, start, t0, rows, nbytes = item
+                ev = self._fast_event(entry, params, bind, start)
+                ev.rows, ev.bytes = rows, nbytes
+                op = Op(ev, 0.0, None)
+                tracker.request(_EXECUTE, [op])
+                op.t0 = t0  # when it was sent
+
+    def _fast_event(
+        self, entry: FastStatement, params: list[str | None] | None, bind: bytes, start: float
+    ) -> StatementEvent:
+        """The event `_decide` makes, for an execution on the fast path."""
+        if params is None:  # some were sent in binary
+            params = m.BindMessage.parse(bind).rendered_params(entry.types)
+        identity = self.identity
+        assert identity is not None
+        info = entry.info
+        return StatementEvent(
+            self.id,  # session_id
+            self.cfg.connection,
+            identity.username,
+            entry.statement,
+            info.fingerprint,
+            entry.classes,
+            info.command,
+            params,
+            "extended",
+            entry.decision,
+            entry.policy,
+            start,
+        )
+
+    def _fast_done(self, done: list[Done]) -> None:
+        """Statements the fast path saw through: their events, as the tracker gives them."""
+        for entry, params, bind, start, duration_ms, rows, nbytes, tag in done:
+            ev = self._fast_event(entry, params, bind, start)
+            ev.duration_ms = duration_ms
+            ev.rows = rows or tag_rows(tag)
+            ev.bytes = nbytes
+            ev.command_tag = tag
+            self._statement_done(ev)
 
     # ------------------------------------------------------------------ masking plans
     def _plans(self, infos: Sequence[StatementInfo]) -> list[StatementPlan | None] | None:
@@ -997,7 +1142,7 @@ class Session:
         assert self.upstream is not None
         # the server holds extended-protocol answers until Sync or Flush: ask for them now
         self._to_server([_FLUSH])
-        while not (self.tracker.idle and self._server_scanner.at_boundary):
+        while not (self._idle() and self._server_scanner.at_boundary):
             if self.client.closed:
                 return
             await asyncio.sleep(0.01)
@@ -1067,6 +1212,7 @@ class Session:
             self._server_scanner.row_budget = self._max_rows
         self._rewriter = self.server.rewriter_for(self.policy.masking)
         self._capture_level()
+        self._fast_rebuild()  # decisions and what the session does to results may have changed
 
     def _decode(self, raw: bytes) -> str:
         return raw.decode(self.encoding, errors="replace")
@@ -1157,6 +1303,22 @@ class Session:
             )
 
     def _on_server_data(self, data: bytes) -> None:
+        fast = self._fast
+        if fast is not None and fast.active:
+            end, done, status = fast.server(data)
+            if status is not None:
+                self.tracker.transaction_status = status
+            if end:
+                self.client.write(data if end == len(data) else data[:end])
+                self._metrics.to_client_bytes += end
+            if done is not None:
+                self._fast_done(done)
+            if end == len(data):
+                if self._terminating is not None:
+                    self._maybe_terminate()
+                return
+            self._settle_fast()  # an answer the fast path does not expect: the tracker takes over
+            data = data[end:]
         out: list[bytes] = []
         server = self.tracker.server
         hazard: str | None = None
@@ -1404,7 +1566,7 @@ class Session:
         info = self._terminating
         if info is None or not self._server_scanner.at_boundary:
             return
-        if self._terminate_when_idle and not self.tracker.idle:
+        if self._terminate_when_idle and not self._idle():
             return
         self._close(info, reason=self.end_reason)
 
@@ -1422,7 +1584,11 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return not self.tracker.idle
+        return not self._idle()
+
+    def _idle(self) -> bool:
+        """The server has answered everything the client sent (on either path)."""
+        return self.tracker.idle and (self._fast is None or not self._fast.active)
 
     def _ended(self) -> None:
         if self._expiry_timer is not None:

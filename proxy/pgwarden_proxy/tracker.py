@@ -80,7 +80,8 @@ _BARE = {kind: Pending(kind) for kind in Kind}
 Emit = Callable[[StatementEvent], None]
 
 
-def _tag_rows(tag: str) -> int:
+def tag_rows(tag: str) -> int:
+    """The row count at the end of a command tag (`SELECT 3`, `INSERT 0 3`); 0 if none."""
     last = tag.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
 
@@ -187,7 +188,7 @@ class Tracker:
         if tag is not None:
             ev.command_tag = tag
             if not ev.rows:
-                ev.rows = _tag_rows(tag)
+                ev.rows = tag_rows(tag)
         if error is not None:
             ev.error = {"sqlstate": error.sqlstate, "message": error.message}
         self._emit(ev)
