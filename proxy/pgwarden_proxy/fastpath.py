@@ -18,7 +18,7 @@ from typing import NamedTuple
 from pgwarden_proxy.sql.classify import StatementInfo
 
 try:
-    from pgwarden_proxy.wire._fastpath import FastPath
+    from pgwarden_proxy.wire._fastpath import FastPath as FastPath
 except ImportError:  # pragma: no cover - only where the extension was not built
     FastPath = None  # type: ignore[assignment,misc]
 
