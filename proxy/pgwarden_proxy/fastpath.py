@@ -2,12 +2,13 @@
 it is, relayed by C code (wire/_fastpath.c) without Python work per message.
 
 A statement qualifies at Parse (or SQL PREPARE), when its decision is known: allowed, nothing
-to hold, and a session that neither masks, cuts rows (maxRows) nor records. The session then
-registers it; each later Bind/Describe/Execute/Sync of it is queued and answered in C, and the
-session only builds the statement's event (session.py: `_fast_*`). Everything else, and every
-surprise on the way (an error, a notice, a setting, a message cut by the end of a read), takes
-the session's Python path, which is the reference: the events are the same either way
-(tests/integration/test_fastpath.py runs the same traffic both ways).
+to hold, and a session that neither masks, cuts rows (maxRows) nor records results (recording
+level `statements` is fine). The session then registers it; each later Bind/Describe/Execute/Sync
+of it is queued and answered in C, and the session only builds the statement's event and, when
+recording, records it before the read goes upstream (session.py: `_fast_*`). Everything
+else, and every surprise on the way (an error, a notice, a setting, a message cut by the end of
+a read), takes the session's Python path, which is the reference: the events are the same
+either way (tests/integration/test_fastpath.py runs the same traffic both ways).
 """
 
 from __future__ import annotations

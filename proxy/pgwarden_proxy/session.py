@@ -55,7 +55,7 @@ from pgwarden_proxy.wire.framing import Message, ProtocolViolation, Rows, Scanne
 
 if TYPE_CHECKING:
     from pgwarden_proxy.server import ProxyServer
-    from pgwarden_proxy.wire._fastpath import Done
+    from pgwarden_proxy.wire._fastpath import Done, FastPath
 
 log = logging.getLogger("pgwarden.session")
 
@@ -469,19 +469,24 @@ class Session:
             return
         fast = self._fast
         if fast is not None:
+            rec = self._rec
             if (
                 self._terminating is None
                 and self._policy_generation == self.server.policy.generation
                 and self._client_scanner.at_boundary
                 and (fast.active or (self.tracker.idle and self._server_scanner.at_boundary))
+                and (rec is None or rec.recorder.refusal() is None)
             ):
+                # (as in _intend: in a block for sure only when nothing is in flight)
+                in_block = not fast.active and self.tracker.transaction_status in (b"T", b"E")
                 executes = fast.client(data)
                 if executes >= 0:
                     self.statements += executes
                     self._fast_bound = True
                     self._described = None
-                    assert self.upstream is not None
-                    self.upstream.endpoint.write(data)
+                    if rec is not None and executes:
+                        self._fast_intend(fast, in_block)
+                    self._to_server([data])
                     return
             self._settle_fast()
         self._client_items = self._client_scanner.feed(data)
@@ -799,11 +804,11 @@ class Session:
     def _fast_entry(self, prepared: _Prepared) -> FastStatement | None:
         """What the fast path needs to run `prepared`'s executions; None when they must take
         the Python path (a decision that is not a plain allow, or a session that masks, cuts
-        rows or records)."""
+        rows or records results)."""
         if (
             len(prepared.infos) != 1
             or prepared.plans[0] is not None
-            or self._rec is not None
+            or self._capture is not None  # recording level `results`
             or self.policy.masking
             or self._max_rows is not None
             or self._rewriter is not None
@@ -868,12 +873,19 @@ class Session:
             elif kind == 83:  # S
                 tracker.request(_SYNC)
             else:  # E
-                _, entry, params, bind, start, t0, rows, nbytes = item
-                ev = self._fast_event(entry, params, bind, start)
+                _, entry, params, bind, start, t0, rows, nbytes, ev = item
+                if ev is None:  # not recorded: no event yet
+                    ev = self._fast_event(entry, params, bind, start)
                 ev.rows, ev.bytes = rows, nbytes
                 op = Op(ev, 0.0, None)
                 tracker.request(_EXECUTE, [op])
                 op.t0 = t0  # when it was sent
+
+    def _fast_intend(self, fast: FastPath, in_block: bool) -> None:
+        """Record the executions the fast path just queued; their events go with them."""
+        events = [self._fast_event(*fresh) for fresh in fast.fresh()]
+        self._record_intents(events, in_block)
+        fast.note(events)
 
     def _fast_event(
         self, entry: FastStatement, params: list[str | None] | None, bind: bytes, start: float
@@ -901,8 +913,9 @@ class Session:
 
     def _fast_done(self, done: list[Done]) -> None:
         """Statements the fast path saw through: their events, as the tracker gives them."""
-        for entry, params, bind, start, duration_ms, rows, nbytes, tag in done:
-            ev = self._fast_event(entry, params, bind, start)
+        for entry, params, bind, start, duration_ms, rows, nbytes, tag, ev in done:
+            if ev is None:  # not recorded: no event yet
+                ev = self._fast_event(entry, params, bind, start)
             ev.duration_ms = duration_ms
             ev.rows = rows or tag_rows(tag)
             ev.bytes = nbytes
@@ -1232,16 +1245,20 @@ class Session:
         self.tracker.request(kind, ops, refusal)
 
     def _intend(self, ops: list[Op]) -> None:
-        rec = self._rec
-        if rec is None:
+        if self._rec is None:
             return
         tracker = self.tracker
         # inside a transaction block, for sure: nothing in flight could have ended it
         in_block = tracker.transaction_status in (b"T", b"E") and not any(
             p.ops for p in tracker.pending
         )
-        for op in ops:
-            ev = op.event
+        self._record_intents([op.event for op in ops], in_block)
+
+    def _record_intents(self, events: list[StatementEvent], in_block: bool) -> None:
+        """Each statement's event goes to the recording before the statement goes upstream."""
+        rec = self._rec
+        assert rec is not None
+        for ev in events:
             if not ev.seq:
                 wait = _must_sync(ev, in_block)
                 ticket = rec.statement(ev, sync=wait)

@@ -69,7 +69,8 @@ def test_a_cycle_is_queued_and_answered() -> None:
     assert not f.active
     assert done is not None
     assert len(done) == 1
-    entry, params, body, start, duration_ms, rows, nbytes, tag = done[0]
+    entry, params, body, start, duration_ms, rows, nbytes, tag, note = done[0]
+    assert note is None
     assert entry is ENTRY
     assert params == ["42"]
     assert tag == "SELECT 1"
@@ -184,7 +185,7 @@ def test_the_walk_stops_at_what_it_does_not_expect(surprise: bytes) -> None:
     # the session takes over: the Execute with the row counted so far, then the Sync
     items = f.take()
     assert [t[0] for t in items] == [ord("E"), ord("S")]
-    _kind, entry, params, _body, _start, t0, rows, nbytes = items[0]
+    _kind, entry, params, _body, _start, t0, rows, nbytes, _note = items[0]
     assert entry is ENTRY
     assert params == ["42"]
     assert (rows, nbytes) == (1, len(DATA_ROW))
@@ -290,9 +291,32 @@ def test_no_reference_is_leaked() -> None:
         f.server(ANSWER)
         f.client(CYCLE + m.frame(b"X"))  # refused, after queuing inside the read
         f.client(CYCLE + CYCLE)
+        f.note([entry, entry])
         f.server(BIND_COMPLETE + m.frame(b"N", b"x\x00\x00"))
         f.take()
         f.client(CYCLE)
         f.take_bind()
         del f  # with an Execute still queued
     assert sys.getrefcount(entry) == base
+
+
+def test_fresh_executions_can_be_noted() -> None:
+    """The recording session gives each queued Execute its event before the read goes on."""
+    f = new()
+    assert f.fresh() == []
+    assert f.client(CYCLE) == 1
+    assert f.client(bind(params=(b"1",)) + EXECUTE + bind(params=(b"2",)) + EXECUTE + SYNC) == 2
+    fresh = f.fresh()  # only the last read's
+    assert [(e, p) for e, p, _, _ in fresh] == [(ENTRY, ["1"]), (ENTRY, ["2"])]
+    with pytest.raises(ValueError, match="1 notes for 2"):
+        f.note(["a"])
+    f.note(["a", "b"])
+    assert f.client(m.frame(b"Q", b"x\x00")) == -1  # a refused read leaves nothing fresh
+    assert f.fresh() == []
+    f.server(ANSWER)  # the first cycle: not noted
+    answer = BIND_COMPLETE + COMPLETE + BIND_COMPLETE + DATA_ROW
+    end, done, _ = f.server(answer)
+    assert end == len(answer)
+    assert done is not None
+    assert [d[-1] for d in done] == ["a"]
+    assert [t[-1] for t in f.take() if t[0] == ord("E")] == ["b"]

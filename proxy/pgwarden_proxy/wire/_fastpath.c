@@ -35,6 +35,11 @@
  * take_bind() -> bytes | None
  *   the body of the last Bind this path relayed (the unnamed portal may be executed again by
  *   a later message the session handles), once.
+ * fresh() -> list of (entry, params, bind, start)
+ *   the Executes queued by the last client() that took its read (to record them before the
+ *   read goes upstream); note(notes) then gives each of them, in order, an object of the
+ *   session's (its event), which comes back as the last member of its done and take() tuples
+ *   (None when not noted).
  * active: the queue is not empty.
  *
  * params is the list of parameters as text when they were sent as text, or None: the session
@@ -57,6 +62,7 @@ typedef struct {
     double start;     /* E: epoch seconds */
     double t0;        /* E: CLOCK_MONOTONIC seconds, when queued */
     long long rows, bytes;
+    PyObject *note; /* E: the session's, see note() */
 } Item;
 
 typedef struct {
@@ -65,6 +71,8 @@ typedef struct {
     Py_ssize_t limit;
     Item *q;
     Py_ssize_t head, len, cap; /* the queue is q[head:len] */
+    Py_ssize_t fresh_from, fresh_to; /* what the last client() queued (items never move
+                                        between two client() calls) */
     PyObject *last_bind;
     PyObject *cache_name, *cache_entry; /* the last name looked up, and what it gave */
 } FastPath;
@@ -87,6 +95,7 @@ static void item_clear(Item *it) {
     Py_CLEAR(it->entry);
     Py_CLEAR(it->params);
     Py_CLEAR(it->bind);
+    Py_CLEAR(it->note);
 }
 
 static void forget_cache(FastPath *self) {
@@ -97,7 +106,7 @@ static void forget_cache(FastPath *self) {
 static void queue_clear(FastPath *self) {
     for (Py_ssize_t i = self->head; i < self->len; i++)
         item_clear(&self->q[i]);
-    self->head = self->len = 0;
+    self->head = self->len = self->fresh_from = self->fresh_to = 0;
 }
 
 /* Room for `extra` more items at the end. Items never move while a read is queued (client()
@@ -119,6 +128,7 @@ static int queue_reserve(FastPath *self, Py_ssize_t extra) {
 }
 
 static void queue_compact(FastPath *self) {
+    self->fresh_from = self->fresh_to = 0;
     if (self->head == 0)
         return;
     memmove(self->q, self->q + self->head, (size_t)(self->len - self->head) * sizeof(Item));
@@ -287,6 +297,8 @@ static PyObject *FastPath_client(FastPath *self, PyObject *arg) {
     }
     if (described)
         goto refuse;
+    self->fresh_from = first;
+    self->fresh_to = self->len;
     PyBuffer_Release(&view);
     Py_XDECREF(entry);
     Py_XDECREF(params);
@@ -356,9 +368,10 @@ static PyObject *FastPath_server(FastPath *self, PyObject *arg) {
             PyObject *tag = PyUnicode_DecodeUTF8((const char *)b, blen - 1, "replace");
             if (tag == NULL)
                 goto error;
-            PyObject *ev = Py_BuildValue("(OOOddLLN)", it->entry, it->params ? it->params : Py_None,
-                                         it->bind, it->start, (mono - it->t0) * 1000.0, it->rows,
-                                         it->bytes, tag);
+            PyObject *ev = Py_BuildValue("(OOOddLLNO)", it->entry,
+                                         it->params ? it->params : Py_None, it->bind, it->start,
+                                         (mono - it->t0) * 1000.0, it->rows, it->bytes, tag,
+                                         it->note ? it->note : Py_None);
             if (ev == NULL)
                 goto error;
             if (done == NULL && (done = PyList_New(0)) == NULL) {
@@ -385,7 +398,7 @@ static PyObject *FastPath_server(FastPath *self, PyObject *arg) {
     }
 stop:
     if (self->head == self->len)
-        self->head = self->len = 0;
+        self->head = self->len = self->fresh_from = self->fresh_to = 0;
     PyBuffer_Release(&view);
     if (done == NULL)
         done = Py_NewRef(Py_None);
@@ -409,8 +422,9 @@ static PyObject *FastPath_take(FastPath *self, PyObject *unused) {
         Item *it = &self->q[i];
         PyObject *t;
         if (it->kind == 'E')
-            t = Py_BuildValue("(iOOOddLL)", it->kind, it->entry, it->params ? it->params : Py_None,
-                              it->bind, it->start, it->t0, it->rows, it->bytes);
+            t = Py_BuildValue("(iOOOddLLO)", it->kind, it->entry,
+                              it->params ? it->params : Py_None, it->bind, it->start, it->t0,
+                              it->rows, it->bytes, it->note ? it->note : Py_None);
         else
             t = Py_BuildValue("(i)", it->kind);
         if (t == NULL || PyList_Append(out, t) < 0) {
@@ -422,6 +436,50 @@ static PyObject *FastPath_take(FastPath *self, PyObject *unused) {
     }
     queue_clear(self);
     return out;
+}
+
+static PyObject *FastPath_fresh(FastPath *self, PyObject *unused) {
+    (void)unused;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t from = self->fresh_from > self->head ? self->fresh_from : self->head;
+    for (Py_ssize_t i = from; i < self->fresh_to && i < self->len; i++) {
+        Item *it = &self->q[i];
+        if (it->kind != 'E')
+            continue;
+        PyObject *t = Py_BuildValue("(OOOd)", it->entry, it->params ? it->params : Py_None,
+                                    it->bind, it->start);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
+static PyObject *FastPath_note(FastPath *self, PyObject *notes) {
+    if (!PyList_Check(notes)) {
+        PyErr_SetString(PyExc_TypeError, "note(notes: list)");
+        return NULL;
+    }
+    Py_ssize_t from = self->fresh_from > self->head ? self->fresh_from : self->head;
+    Py_ssize_t k = 0, n = PyList_GET_SIZE(notes);
+    for (Py_ssize_t i = from; i < self->fresh_to && i < self->len; i++)
+        k += self->q[i].kind == 'E';
+    if (k != n) {
+        PyErr_Format(PyExc_ValueError, "%zd notes for %zd fresh executions", n, k);
+        return NULL;
+    }
+    k = 0;
+    for (Py_ssize_t i = from; i < self->fresh_to && i < self->len; i++) {
+        Item *it = &self->q[i];
+        if (it->kind == 'E')
+            Py_XSETREF(it->note, Py_NewRef(PyList_GET_ITEM(notes, k++)));
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *FastPath_take_bind(FastPath *self, PyObject *unused) {
@@ -489,6 +547,7 @@ static int FastPath_traverse(FastPath *self, visitproc visit, void *arg) {
     for (Py_ssize_t i = self->head; i < self->len; i++) {
         Py_VISIT(self->q[i].entry);
         Py_VISIT(self->q[i].params);
+        Py_VISIT(self->q[i].note);
     }
     return 0;
 }
@@ -513,6 +572,8 @@ static PyMethodDef FastPath_methods[] = {
     {"server", (PyCFunction)FastPath_server, METH_O, "Walk the answers: (end, done, status)."},
     {"take", (PyCFunction)FastPath_take, METH_NOARGS, "Empty the queue, oldest first."},
     {"take_bind", (PyCFunction)FastPath_take_bind, METH_NOARGS, "The last Bind body, once."},
+    {"fresh", (PyCFunction)FastPath_fresh, METH_NOARGS, "The Executes the last read queued."},
+    {"note", (PyCFunction)FastPath_note, METH_O, "Give each fresh Execute a note, in order."},
     {"register", (PyCFunction)(void (*)(void))FastPath_register, METH_FASTCALL,
      "Let executions of the named statement take this path."},
     {"unregister", (PyCFunction)FastPath_unregister, METH_O, "No more for this statement."},
