@@ -1,10 +1,11 @@
-"""The compiled pieces of the proxy: its per-row loops (proxy/pgwarden_proxy/wire/_rowwalk.c)
-and the fast path of prepared statements' executions (wire/_fastpath.c).
+"""The compiled pieces of the proxy: its per-row loops (proxy/pgwarden_proxy/wire/_rowwalk.c),
+the fast path of prepared statements' executions (wire/_fastpath.c) and the statement log line
+(_eventline.c).
 
-Everything else is in pyproject.toml. Both extensions are optional: where no C compiler is
-found the build still succeeds and the proxy uses its Python code, which gives the same bytes
-and events (tests/unit/test_rowwalk.py, test_framing.py and test_fastpath.py compare them),
-only slower.
+Everything else is in pyproject.toml. The extensions are optional: where no C compiler is found
+the build still succeeds and the proxy uses its Python code, which gives the same bytes, events
+and lines (tests/unit/test_rowwalk.py, test_framing.py, test_fastpath.py and test_events_logs.py
+compare them), only slower.
 """
 
 from setuptools import Extension, setup
@@ -14,11 +15,11 @@ _FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 setup(
     ext_modules=[
         Extension(
-            f"pgwarden_proxy.wire.{name}",
-            [f"proxy/pgwarden_proxy/wire/{name}.c"],
+            f"pgwarden_proxy.{name.replace('/', '.')}",
+            [f"proxy/pgwarden_proxy/{name}.c"],
             optional=True,
             extra_compile_args=_FLAGS,
         )
-        for name in ("_rowwalk", "_fastpath")
+        for name in ("wire/_rowwalk", "wire/_fastpath", "_eventline")
     ]
 )

@@ -5,11 +5,17 @@ log (`LogEventSink`) and tests. The session recording (recording/) is written be
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from pgwarden import logs
 from pgwarden.recording.format import iso
+
+try:  # the statement line in C (_eventline.c); this module's Python is the reference
+    from pgwarden_proxy._eventline import statement_line as statement_line
+except ImportError:  # pragma: no cover - only where the extension was not built
+    statement_line = None  # type: ignore[assignment]
 
 
 @dataclass(slots=True)
@@ -89,6 +95,9 @@ class LogEventSink:
     def __init__(self, *, statements: bool = True) -> None:
         self._log = logging.getLogger("pgwarden.events")
         self._statements = statements
+        # what event_line writes between the time and the event, for statement_line
+        line = logs.event_line(self._log.name, "statement", {})
+        self._middle = line[line.index('","level"') : -len("{}}\n")]
 
     def statement(self, event: StatementEvent) -> None:
         if not self._statements:
@@ -96,7 +105,12 @@ class LogEventSink:
         log = self._log
         writer = logs.event_writer(log)
         if writer is not None:  # the same line, without a LogRecord (one per statement)
-            writer.add_line(logs.event_line(log.name, "statement", event.as_dict()))
+            line = None
+            if statement_line is not None:
+                line = statement_line(event, self._middle, time.time())
+            if line is None:
+                line = logs.event_line(log.name, "statement", event.as_dict())
+            writer.add_line(line)
         elif log.isEnabledFor(logging.INFO):
             log.info("statement", extra={"event": event.as_dict()})
 

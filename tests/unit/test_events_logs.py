@@ -1,5 +1,6 @@
 """Statement events serialise every field; the log handler batches lines for a few milliseconds;
-statement events skip the logging machinery only when nothing else listens."""
+statement events skip the logging machinery only when nothing else listens; the C statement
+line (_eventline.c) is the Python line."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgwarden import logs
+from pgwarden.api.statements import StatementClass
 from pgwarden.logs import FLUSH_DELAY, BatchingStreamHandler, JsonFormatter
+from pgwarden_proxy import events
 from pgwarden_proxy.events import LogEventSink, StatementEvent
 
 
@@ -152,3 +158,76 @@ def test_lines_left_when_a_loop_stops_are_written_by_the_next_loop_or_at_flush(
     asyncio.run(one("third", 0))
     logs.flush()  # what the proxy does when its loop has stopped
     assert json.loads(configured.getvalue().splitlines()[-1])["msg"] == "third"
+
+
+# ---------------------------------------------------------------------------------- the C line
+native_line = pytest.mark.skipif(
+    events.statement_line is None, reason="the C line is not built (no C compiler at install)"
+)
+texts = st.text(max_size=40) | st.sampled_from(['"', "\\", "\x00\x1f\x7f", "\u2028é😀", "\t\n\r"])
+maybe = st.none() | texts
+
+
+@st.composite
+def statement_events(draw: st.DrawFn) -> StatementEvent:
+    return StatementEvent(
+        draw(texts),
+        draw(texts),
+        draw(texts),
+        draw(texts),
+        draw(maybe),
+        tuple(draw(st.lists(texts | st.sampled_from(list(StatementClass)), max_size=3))),
+        draw(texts),
+        draw(st.none() | st.lists(maybe, max_size=4)),
+        draw(st.sampled_from(["simple", "extended", "fastpath"])),
+        draw(st.sampled_from(["allow", "refuse", "approved"])),
+        draw(maybe),
+        draw(st.floats(0, 4e9) | st.integers(0, 4_000_000_000)),
+        draw(st.floats(0, 1e7) | st.sampled_from([0.0005, 0.0015, 2.0004999, 1e15, 1e16])),
+        draw(st.integers(0, 2**64 - 1)),
+        draw(st.integers(0, 2**40)),
+        draw(maybe),
+        draw(st.none() | st.just({"sqlstate": "42501", "message": 'no "way"'})),
+        draw(st.booleans()),
+        draw(st.none() | st.just({"request": "r1", "state": "Approved", "decidedBy": None})),
+    )
+
+
+@native_line
+@settings(max_examples=500, deadline=None)
+@given(ev=statement_events(), now=st.floats(0, 4e9))
+def test_the_c_line_is_the_python_line(ev: StatementEvent, now: float) -> None:
+    """Character for character, or None where it leaves the line to Python (dicts, ints beyond
+    64 bits, a start that is not a float, a duration of 1e15 ms or more)."""
+    sink = LogEventSink()
+    assert events.statement_line is not None
+    line = events.statement_line(ev, sink._middle, now)
+    left_to_python = (
+        ev.error is not None
+        or ev.approval is not None
+        or ev.rows >= 2**63
+        or not isinstance(ev.start, float)
+        or ev.duration_ms >= 1e15
+    )
+    if left_to_python:
+        assert line is None
+        return
+    with mock.patch("time.time", return_value=now):
+        assert line == logs.event_line("pgwarden.events", "statement", ev.as_dict())
+
+
+@native_line
+def test_the_c_line_leaves_what_it_cannot_write_to_python() -> None:
+    sink = LogEventSink()
+    assert events.statement_line is not None
+    ev = _event()
+    assert events.statement_line(ev, sink._middle, 0.0) is None  # an error dict
+    ev.error = None
+    ev.classes = (StatementClass.READ,)  # as sessions give them: a StrEnum
+    assert events.statement_line(ev, sink._middle, 0.0) is not None
+    ev.parameters = ["\ud800"]  # a lone surrogate: orjson refuses it, so must the sink's caller
+    assert events.statement_line(ev, sink._middle, 0.0) is None
+    ev.parameters = [1]  # type: ignore[list-item]
+    assert events.statement_line(ev, sink._middle, 0.0) is None
+    with pytest.raises(TypeError):
+        events.statement_line(ev, b"middle", 0.0)  # type: ignore[arg-type]
