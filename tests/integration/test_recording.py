@@ -420,3 +420,89 @@ def test_kill_9_loses_no_statement_a_client_saw(
     assert end["recovered"] is True
     assert manifest(store, sid)["recovered"] is True
     assert "closed sessions left open by a crash" in (tmp_path / "proxy2.log").read_text()
+
+
+# ---------------------------------------------------------------------------------- fast path
+def _prepared_workload(dsn: str) -> None:
+    """Executions of prepared statements (fast path material): reads, writes outside and inside
+    a transaction block, and a failure."""
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+        for i in range(20):
+            conn.execute("SELECT %s::int + 1, %s::text", (i, f"p{i}"))
+        for i in range(3):
+            conn.execute("INSERT INTO rec_log VALUES (%s)", (i,))
+        with conn.transaction():
+            conn.execute("INSERT INTO rec_log VALUES (%s)", (10,))
+            conn.execute("SELECT %s::int + 1, %s::text", (99, "in block"))
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1 / %s::int", (0,))
+        conn.execute("SELECT %s::int + 1, %s::text", (-1, "after"))
+
+
+def _comparable(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    drop = {"seq", "prev", "time", "sessionId", "durationMs", "ref"}
+    return [{k: v for k, v in e.items() if k not in drop} for e in events]
+
+
+def test_the_fast_path_records_what_the_python_path_records(
+    make_proxy: MakeProxy, tmp_path: Path, customers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgwarden_proxy import fastpath
+    from pgwarden_proxy.session import Session
+
+    if fastpath.FastPath is None:
+        pytest.skip("the C fast path is not built (no C compiler at install)")
+    fast_done = Session._fast_done
+    calls: list[int] = []
+
+    def counted(self: Session, done: Any) -> None:
+        calls.append(len(done))
+        fast_done(self, done)
+
+    monkeypatch.setattr(Session, "_fast_done", counted)
+    recorded: dict[bool, list[dict[str, Any]]] = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(fastpath, "ENABLED", enabled)
+        calls.clear()
+        proxy = make_proxy(recording=recording(tmp_path / str(enabled)))
+        _prepared_workload(proxy.dsn())
+        proxy.thread.stop(grace=2)
+        store = FileStore(tmp_path / str(enabled) / "recordings")
+        (sid,) = session_ids(proxy)
+        recorded[enabled] = complete(store, sid)  # chained, counted, manifest
+        # most executions took the fast path when it was on, none when off
+        assert (sum(calls) >= 20) if enabled else not calls
+    on, off = recorded[True], recorded[False]
+    assert [e["type"] for e in on] == [e["type"] for e in off]
+    assert _comparable(on[1:-1]) == _comparable(off[1:-1])  # (start/end: times, ids)
+    stmts = statements(on)
+    assert sum(1 for s in stmts.values() if s["statement"].startswith("INSERT")) == 4
+    assert all("outcome" in s for s in stmts.values())
+
+
+def test_a_full_spool_refuses_prepared_executions_too(
+    make_proxy: MakeProxy, tmp_path: Path, s3: MotoServer, bucket: str, customers: None
+) -> None:
+    """The fast path asks the recorder before every read, as the decision point does."""
+    proxy = make_proxy(
+        recording=s3_recording(tmp_path, s3, bucket, segmentBytes=4096, maxSpoolBytes=65536)
+    )
+    s3.down()
+    filler = "x" * 2000
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        with pytest.raises(psycopg.Error) as refused:  # noqa: PT012 - until the spool fills
+            for _ in range(200):
+                conn.execute("SELECT %s::text AS pad", (filler,))
+        assert refused.value.sqlstate == "53100"
+        assert "recording spool is full" in str(refused.value)
+        s3.up()
+        wait_for(lambda: not list((tmp_path / "spool").glob("*.seg")), what="the spool to drain")
+        port = proxy.thread.server.health_port
+        assert port is not None
+        wait_for(lambda: metric(port, "pgwarden_recording_spool_bytes") < 65536, what="the count")
+        assert conn.execute("SELECT %s::text", ("back",)).fetchone() == ("back",)
+    proxy.thread.stop(grace=2)
+    store = S3Store(bucket, "audit/", endpoint_url=s3.endpoint_url)
+    stmts = statements(complete(store, session_ids(proxy)[0]))
+    assert [s["decision"] for s in stmts.values()].count("refuse") == 1
+    assert all("outcome" in s for s in stmts.values())
