@@ -484,9 +484,13 @@ class Session:
                     self.statements += executes
                     self._fast_bound = True
                     self._described = None
-                    if rec is not None and executes:
-                        self._fast_intend(fast, in_block)
-                    self._to_server([data])
+                    if rec is None:
+                        assert self.upstream is not None
+                        self.upstream.endpoint.write(data)
+                    else:
+                        if executes:
+                            self._fast_intend(fast, in_block)
+                        self._to_server([data])
                     return
             self._settle_fast()
         self._client_items = self._client_scanner.feed(data)
