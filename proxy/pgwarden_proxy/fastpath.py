@@ -1,7 +1,7 @@
 """The fast path of a session: executions of a prepared statement that the policy lets run as
 it is, relayed by C code (wire/_fastpath.c) without Python work per message.
 
-A statement qualifies at Parse (or SQL PREPARE), when its decision is known: allowed, nothing
+A statement qualifies at Parse, when its decision is known: allowed, nothing
 to hold, and a session that neither masks, cuts rows (maxRows) nor records results (recording
 level `statements` is fine). The session then registers it; each later Bind/Describe/Execute/Sync
 of it is queued and answered in C, and the session only builds the statement's event and, when

@@ -1329,11 +1329,11 @@ class Session:
             end, done, status = fast.server(data)
             if status is not None:
                 self.tracker.transaction_status = status
+            if done is not None:  # events first, as on the Python path
+                self._fast_done(done)
             if end:
                 self.client.write(data if end == len(data) else data[:end])
                 self._metrics.to_client_bytes += end
-            if done is not None:
-                self._fast_done(done)
             if end == len(data):
                 if self._terminating is not None:
                     self._maybe_terminate()

@@ -124,9 +124,8 @@ def _comparable(ev: StatementEvent) -> dict[str, Any]:
 
 
 def _watch_sessions(proxy: RunningProxy, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    """Returns a wait for every session of the proxy to have ended. A session's last statement
-    events come before its session_end event (the fast path hands the client its answer before
-    the event is made, so waiting for the answer alone is not enough)."""
+    """Returns a wait for every session of the proxy to have ended: then all its statement
+    events are in, whatever the client did last (a statement in flight when it closed)."""
     cond = threading.Condition()
     sink = proxy.sink
     record = sink.session
