@@ -123,7 +123,7 @@ class _CatalogDown(Exception):
 class _Prepared(NamedTuple):
     infos: tuple[StatementInfo, ...]
     types: tuple[int, ...]  # parameter type OIDs from Parse
-    plans: Sequence[StatementPlan | None]
+    plans: list[StatementPlan | None]  # under the session's masking rules (see _replan)
 
 
 class _MaskMemo(NamedTuple):
@@ -197,6 +197,7 @@ class Session:
         self._fast_bound = False  # the unnamed portal was last bound on the fast path
         self.policy = EffectivePolicy.combine(())  # set at login, renewed after a reload
         self._policy_generation = -1
+        self._stale_plans = False  # the masking rules changed since the prepared statements' plans
         self._max_rows: int | None = None  # the effective policy's maxRows
         # the recording: every statement's event is written before the statement goes
         # upstream; one that may change anything waits for the fsync too (spool ticket
@@ -555,6 +556,12 @@ class Session:
 
     def _client_message(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
         """Handle one message; returns a coroutine when it must wait (it then finishes it)."""
+        if self._policy_generation != self.server.policy.generation:
+            self._refresh_policy()  # (a reload) before a stored plan or decision is used
+        if self._stale_plans:
+            later = self._replan(msg)
+            if later is not None:
+                return later
         t = msg.type
         if t == 66:  # B Bind
             self._bind(m.BindMessage.parse(msg.body))
@@ -936,6 +943,29 @@ class Session:
         plans = [planner.cached(i, rules) for i in infos]
         return None if any(p is None for p in plans) else plans
 
+    def _replan(self, msg: Message) -> Coroutine[Any, Any, None] | None:
+        """The masking rules changed (a reload): plan every prepared statement (and bound
+        portal) again under the new ones, before `msg` can use one. Returns a coroutine when
+        the catalog must be read first (it then handles `msg` again)."""
+        for prepared in self._prepared.values():
+            if self._plans(prepared.infos) is None:
+                infos = [i for p in self._prepared.values() for i in p.infos]
+                return self._after(self._prepare_plans(infos), msg)
+        for prepared in self._prepared.values():
+            plans = self._plans(prepared.infos)
+            assert plans is not None
+            # in place: an undo of the Parse that made it still finds it (`_define`)
+            prepared.plans[:] = [
+                self._session_plan(i, p) for i, p in zip(prepared.infos, plans, strict=True)
+            ]
+        for name, portal in self._portals.items():
+            bound = self._prepared.get(portal.bind.statement)
+            if bound is not None and bound.infos[0] is portal.info:
+                self._portals[name] = portal._replace(plan=bound.plans[0])
+        self._stale_plans = False
+        self._fast_rebuild()  # (which takes only statements without a plan)
+        return None
+
     async def _prepare_plans(self, infos: Sequence[StatementInfo]) -> None:
         try:
             await self.server.planner.prepare(infos, self.policy.masking)
@@ -1223,7 +1253,10 @@ class Session:
         assert self.identity is not None
         store = self.server.policy
         self._policy_generation = store.generation
+        before = self.policy.masking
         self.policy = store.effective(self.identity)
+        if self.policy.masking != before and self._prepared:
+            self._stale_plans = True  # made under the old rules: _replan before any is used
         self._max_rows = self.policy.max_rows
         if self.tracker.idle:  # otherwise the running statement ends first (_end_of_rows)
             self._server_scanner.row_budget = self._max_rows

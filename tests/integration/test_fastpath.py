@@ -1023,16 +1023,8 @@ def test_reload_changes_what_is_done_to_results(
         (["1"], 1, "SELECT 1"),
         (["5"], 5, "SELECT 5"),
     ]
-    # (masking: the rows come back unmasked on both paths, see the xfail test below)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Python path (the reference) too: a statement prepared before a reload that adds"
-    " masking keeps the plan made at Parse (None), and ResultMask.build finds no rule for its"
-    " columns while the reload's catalog.invalidate() left the table unknown (catalog.by_oid is"
-    " None): its rows go out unmasked until something else loads the catalog",
-)
 def test_reload_that_adds_masking_masks_statements_prepared_before(
     make_proxy: MakeProxy, db: Database, issuer: LocalIssuer, people: str
 ) -> None:
