@@ -47,7 +47,7 @@ from pgwarden_proxy.startup import (
     parsing_hazard,
     python_codec,
 )
-from pgwarden_proxy.tracker import Kind, Op, Tracker, tag_rows
+from pgwarden_proxy.tracker import Kind, Op, Pending, Tracker, tag_rows
 from pgwarden_proxy.upstream import UpstreamConnection, UpstreamError
 from pgwarden_proxy.upstream import connect as connect_upstream
 from pgwarden_proxy.wire import messages as m
@@ -183,6 +183,8 @@ class Session:
         self._rewriter: Rewriter | None = None  # set when the effective policy masks
         self._mask_memo: dict[bytes, _MaskMemo] = {}
         self._described: str | None = None  # the portal the client just asked to Describe
+        # the Execute of a COPY, until the client ends its copy data (or sends another request)
+        self._copy_execute: Pending | None = None
         limits = self.cfg.limits
         self._client_scanner = Scanner(
             streamed=(_COPYDATA,), max_message=limits.max_message_bytes, frontend=True
@@ -563,13 +565,18 @@ class Session:
             if later is not None:
                 return later
         t = msg.type
+        if self._copy_execute is not None and t != 83 and t != 72:
+            self._copy_execute = None  # its copy data ended (CopyDone, CopyFail), or never began
         if t == 66:  # B Bind
             self._bind(m.BindMessage.parse(msg.body))
             self.tracker.request(_BIND)
         elif t == 69:  # E Execute
             return self._execute(msg, out)
         elif t == 83:  # S Sync
-            self.tracker.request(_SYNC)
+            if self._copy_execute is None:
+                self.tracker.request(_SYNC)
+            else:  # perhaps sent during a COPY FROM STDIN, which ignores it (Tracker.server)
+                self.tracker.request(_SYNC, copy_of=self._copy_execute)
         elif t == 80:  # P Parse
             return self._parse(msg, out)
         elif t == 81:  # Q Query
@@ -673,6 +680,8 @@ class Session:
         if len(forward) > 1:
             self.tracker.request(_DESCRIBE_PORTAL, plan=op.plan, internal=True)
         self._request(_EXECUTE, [op])
+        if op.event.command == "COPY":  # may start a copy-in (see Sync)
+            self._copy_execute = self.tracker.pending[-1]
         out.extend(forward)
 
     def _query(self, msg: Message, out: list[bytes]) -> Coroutine[Any, Any, None] | None:
@@ -831,6 +840,7 @@ class Session:
             or info.deallocates is not None
             or info.executes is not None
             or _PARSER_SETTINGS & info.settings
+            or info.command == "COPY"  # its Syncs may be ignored (Tracker.server)
         ):
             return None
         decision = self.policy.decide(info)

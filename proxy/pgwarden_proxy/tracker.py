@@ -67,6 +67,9 @@ class Pending:
     plan: StatementPlan | None = None  # Describe: the masking plan of what is described
     internal: bool = False  # our own Describe (masking needs the columns): its answer is ours
     undo: Callable[[], None] | None = None  # Parse, Close: reverted if the server skips or fails it
+    # Sync: sent after this COPY's Execute, before its copy data ended; if the COPY starts,
+    # the server ignores it ("ignores Flush and Sync messages received during copy-in mode")
+    copy_of: Pending | None = None
 
     @property
     def op(self) -> Op | None:
@@ -107,15 +110,18 @@ class Tracker:
         plan: StatementPlan | None = None,
         internal: bool = False,
         undo: Callable[[], None] | None = None,
+        copy_of: Pending | None = None,
     ) -> None:
         if ops:
             p = Pending(kind, ops, 0, refusal, plan, internal, undo)  # positional: cheaper
             # a pipelined statement's clock starts when it is sent, queueing included
             ops[0].t0 = time.perf_counter()
-        elif refusal is None and plan is None and undo is None and not internal:
+        elif refusal is None and plan is None and undo is None and not internal and not copy_of:
             p = _BARE[kind]
         else:
-            p = Pending(kind, [], refusal=refusal, plan=plan, internal=internal, undo=undo)
+            p = Pending(
+                kind, [], refusal=refusal, plan=plan, internal=internal, undo=undo, copy_of=copy_of
+            )
         self.pending.append(p)
 
     # ------------------------------------------------------------------ server side
@@ -157,6 +163,12 @@ class Tracker:
             pending.popleft()
             if head.internal:
                 return None
+        elif (
+            t == 71  # G CopyInResponse, to an extended Execute: the Syncs the client sent
+            and head.kind is _EXECUTE  # during the copy get no ReadyForQuery, forget them
+            and any(p.copy_of is head for p in pending)
+        ):
+            self.pending = deque(p for p in pending if p.copy_of is not head)
         # anything else (copy responses, notices, ...) needs no bookkeeping
         return msg.raw
 

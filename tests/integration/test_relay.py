@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import select
 import subprocess
 import threading
 import time
@@ -12,6 +13,7 @@ import time
 import asyncpg
 import psycopg
 import pytest
+from psycopg import pq
 
 from pgwarden_proxy.wire import messages as m
 from tests.integration.conftest import RunningProxy
@@ -220,6 +222,78 @@ def test_copy_fail_and_copy_error_keep_the_session_usable(proxy: RunningProxy) -
         with pytest.raises(psycopg.errors.InvalidTextRepresentation):
             _copy_in(conn, b"not-a-number\n")
         assert conn.execute("SELECT count(*) FROM cf").fetchone() == (0,)
+
+
+def _copy_in_extended(pg: pq.abc.PGconn, sql: bytes, data: bytes | None) -> list[pq.abc.PGresult]:
+    """COPY FROM STDIN sent as libpq's PQexecParams sends it: Parse, Bind, Describe, Execute,
+    Sync; then the data, CopyDone (or CopyFail) and a second Sync, which is the one the server
+    answers (it ignores a Sync during copy-in). Only libpq's asynchronous calls: a blocking one
+    would hold the GIL, and with it the proxy's thread in this process."""
+
+    def wait(read: bool) -> None:
+        ready = select.select([pg.socket] if read else [], [] if read else [pg.socket], [], 10)
+        assert ready[0] or ready[1], "no answer"
+
+    def results() -> list[pq.abc.PGresult]:
+        out: list[pq.abc.PGresult] = []
+        while True:
+            while pg.is_busy():
+                wait(True)
+                pg.consume_input()
+            res = pg.get_result()
+            if res is None or (out and res.status == pq.ExecStatus.COPY_IN):
+                return out
+            out.append(res)
+            if res.status == pq.ExecStatus.COPY_IN:
+                return out
+
+    pg.send_query_params(sql, None)
+    while pg.flush():
+        wait(False)
+    got = results()
+    if got[-1].status != pq.ExecStatus.COPY_IN:
+        return got
+    if data is not None:
+        pg.put_copy_data(data)
+    pg.put_copy_end(None if data is not None else b"changed my mind")
+    while pg.flush():
+        wait(False)
+    return results()
+
+
+def test_copy_in_through_the_extended_protocol_keeps_the_session_in_step(
+    proxy: RunningProxy,
+) -> None:
+    """After such a COPY, the next statements get their own answers and events."""
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE c (a int)")
+        pg = conn.pgconn  # nonblocking
+        (done,) = _copy_in_extended(pg, b"COPY c FROM STDIN", b"1\n2\n3\n")
+        assert done.command_status == b"COPY 3"
+        (failed,) = _copy_in_extended(pg, b"COPY c FROM STDIN", None)  # CopyFail
+        assert failed.error_field(pq.DiagnosticField.SQLSTATE) == b"57014"
+        (bad,) = _copy_in_extended(pg, b"COPY c FROM STDIN", b"x\n")  # an error mid-copy
+        assert bad.error_field(pq.DiagnosticField.SQLSTATE) == b"22P02"
+        (no_table,) = _copy_in_extended(pg, b"COPY nope FROM STDIN", b"1\n")  # never starts
+        assert no_table.error_field(pq.DiagnosticField.SQLSTATE) == b"42P01"
+        assert conn.execute("SELECT generate_series(1, 3)").fetchall() == [(1,), (2,), (3,)]
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1 / 0")
+        assert conn.execute("SELECT count(*) FROM c").fetchone() == (3,)
+    wait_for(lambda: any(s.type == "session_end" for s in proxy.sink.sessions))
+    evs = [
+        (e.statement, e.rows, e.command_tag, e.error and e.error["sqlstate"])
+        for e in proxy.sink.statements
+    ]
+    assert evs[1:] == [
+        ("COPY c FROM STDIN", 3, "COPY 3", None),
+        ("COPY c FROM STDIN", 0, None, "57014"),
+        ("COPY c FROM STDIN", 0, None, "22P02"),
+        ("COPY nope FROM STDIN", 0, None, "42P01"),
+        ("SELECT generate_series(1, 3)", 3, "SELECT 3", None),
+        ("SELECT 1 / 0", 0, None, "22012"),
+        ("SELECT count(*) FROM c", 1, "SELECT 1", None),
+    ]
 
 
 def test_transactions_pass_through(proxy: RunningProxy) -> None:
