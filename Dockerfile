@@ -31,7 +31,7 @@ RUN pip wheel --require-hashes --no-deps --only-binary=:all: \
 
 # pgwarden itself, without dependencies (they are the locked wheels above). Its build backend
 # (setuptools, from pyproject.toml's build-system) runs here only and is not in the image; so
-# does the C compiler for its one extension (setup.py: the masking row walk).
+# does the C compiler for its extensions (setup.py: the row walks, the fast path, the log line).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -44,10 +44,11 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # A virtualenv without pip, installed offline from exactly those wheels; the final stage copies
 # it whole, so no wheel, cache or installer layer reaches the image.
-# The C row walk is optional in setup.py (a pure-Python walk stands in); the image must have it.
+# The C extensions are optional in setup.py (Python code stands in); the image must have them.
 RUN python -m venv --without-pip /opt/pgwarden \
     && pip --python /opt/pgwarden/bin/python install --no-index --no-deps /wheels/*.whl \
-    && /opt/pgwarden/bin/python -c "import pgwarden_proxy.wire._rowwalk"
+    && /opt/pgwarden/bin/python -c "import pgwarden_proxy.wire._rowwalk, pgwarden_proxy.wire._fastpath" \
+    && /opt/pgwarden/bin/python -c "import pgwarden_proxy._eventline"
 
 # ---------------------------------------------------------------------------------- final
 FROM ${PYTHON_IMAGE}
