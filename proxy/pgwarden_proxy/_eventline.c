@@ -136,25 +136,63 @@ static int put_int(Buf *b, PyObject *v) {
         return 0;
     if (x == -1 && PyErr_Occurred())
         return -1;
-    char s[32];
-    int k = snprintf(s, sizeof s, "%lld", x);
-    return put(b, s, k) < 0 ? -1 : 1;
+    char s[24], *p = s + sizeof s;
+    unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+    do
+        *--p = (char)('0' + u % 10);
+    while (u /= 10);
+    if (x < 0)
+        *--p = '-';
+    return put(b, p, s + sizeof s - p) < 0 ? -1 : 1;
 }
 
-/* `iso(ts)` of pgwarden/recording/format.py: 2026-11-27T17:19:18.156326Z */
+/* `YYYY-MM-DDTHH:MM:SS` of a second, remembered: a line's two times fall in one second or two,
+ * and so do the next line's (the Python code caches it the same way). 0: out of range. */
+static int second_text(long long sec, char out[19]) {
+    static long long cached[2] = {-1, -1};
+    static char text[2][19];
+    static int next = 0;
+    for (int i = 0; i < 2; i++) {
+        if (cached[i] == sec) {
+            memcpy(out, text[i], 19);
+            return 1;
+        }
+    }
+    time_t t = (time_t)sec;
+    struct tm tm;
+    if (gmtime_r(&t, &tm) == NULL)
+        return 0;
+    char s[32];
+    if (snprintf(s, sizeof s, "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900, tm.tm_mon + 1,
+                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec) != 19)
+        return 0;
+    memcpy(text[next], s, 19);
+    cached[next] = sec;
+    next ^= 1;
+    memcpy(out, s, 19);
+    return 1;
+}
+
+static void digits(char *end, long long v, int n) { /* v in n digits, zero-padded, backwards */
+    for (int i = 0; i < n; i++, v /= 10)
+        *--end = (char)('0' + v % 10);
+}
+
+/* `iso(ts)` of pgwarden/recording/format.py: "2026-11-27T17:19:18.156326Z", quoted */
 static int put_iso(Buf *b, double ts) {
     if (!(ts >= 0 && ts < 253402300800.0)) /* within years 1970..9999 */
         return 0;
     long long sec = (long long)ts;
     long long us = (long long)((ts - (double)sec) * 1000000.0);
-    time_t t = (time_t)sec;
-    struct tm tm;
-    if (gmtime_r(&t, &tm) == NULL)
+    char s[30];
+    s[0] = '"';
+    if (!second_text(sec, s + 1))
         return 0;
-    char s[48];
-    int k = snprintf(s, sizeof s, "\"%04d-%02d-%02dT%02d:%02d:%02d.%06lldZ\"", tm.tm_year + 1900,
-                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, us);
-    return put(b, s, k) < 0 ? -1 : 1;
+    s[20] = '.';
+    digits(s + 27, us, 6);
+    s[27] = 'Z';
+    s[28] = '"';
+    return put(b, s, 29) < 0 ? -1 : 1;
 }
 
 /* `_log_time(ts)` of pgwarden/logs.py: milliseconds, after rounding to the microsecond */
@@ -169,14 +207,13 @@ static int put_log_time(Buf *b, double ts) {
         sec += 1;
         us -= 1000000;
     }
-    time_t t = (time_t)sec;
-    struct tm tm;
-    if (gmtime_r(&t, &tm) == NULL)
+    char s[24];
+    if (!second_text(sec, s))
         return 0;
-    char s[40];
-    int k = snprintf(s, sizeof s, "%04d-%02d-%02dT%02d:%02d:%02d.%03lldZ", tm.tm_year + 1900,
-                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, us / 1000);
-    return put(b, s, k) < 0 ? -1 : 1;
+    s[19] = '.';
+    digits(s + 23, us / 1000, 3);
+    s[23] = 'Z';
+    return put(b, s, 24) < 0 ? -1 : 1;
 }
 
 /* `round(ms, 3)` as orjson writes it (repr, for the values it can take here) */
