@@ -140,8 +140,10 @@ def event_writer(logger: logging.Logger) -> BatchingStreamHandler | None:
     if not _configured or not logger.isEnabledFor(logging.INFO):
         return None
     handler = _configured[0]
-    root = logging.root
-    if logger.handlers or root.handlers != [handler] or logger.filters or handler.filters:
+    handlers = logging.root.handlers
+    if logger.handlers or len(handlers) != 1 or handlers[0] is not handler:
+        return None
+    if logger.filters or handler.filters:
         return None
     return handler
 
