@@ -209,6 +209,7 @@ static PyObject *FastPath_client(FastPath *self, PyObject *arg) {
     Py_ssize_t n = view.len, pos = 0, executes = 0;
     Py_ssize_t first; /* rolled back to here when the read is refused */
     PyObject *entry = NULL, *params = NULL, *bind = NULL; /* the bound portal (owned) */
+    PyObject *result; /* of a refused read (-1), or NULL on error */
     int described = 0;
     double now = 0.0, mono = 0.0;
     queue_compact(self);
@@ -306,15 +307,11 @@ static PyObject *FastPath_client(FastPath *self, PyObject *arg) {
         Py_XSETREF(self->last_bind, bind);
     return PyLong_FromSsize_t(executes);
 refuse:
-    for (Py_ssize_t i = first; i < self->len; i++)
-        item_clear(&self->q[i]);
-    self->len = first;
-    PyBuffer_Release(&view);
-    Py_XDECREF(entry);
-    Py_XDECREF(params);
-    Py_XDECREF(bind);
-    return PyLong_FromLong(-1);
+    result = PyLong_FromLong(-1);
+    goto undo;
 error:
+    result = NULL;
+undo: /* nothing of this read stays queued */
     for (Py_ssize_t i = first; i < self->len; i++)
         item_clear(&self->q[i]);
     self->len = first;
@@ -322,7 +319,7 @@ error:
     Py_XDECREF(entry);
     Py_XDECREF(params);
     Py_XDECREF(bind);
-    return NULL;
+    return result;
 }
 
 static PyObject *FastPath_server(FastPath *self, PyObject *arg) {
