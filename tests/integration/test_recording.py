@@ -309,13 +309,34 @@ def test_s3_down_for_a_while_loses_nothing(
     assert len(stmts) == 61
 
 
+FULL_SPOOL = 65536
+
+
+def spool_that_fills(
+    make_proxy: MakeProxy, tmp_path: Path, s3: MotoServer, bucket: str
+) -> RunningProxy:
+    """A proxy whose small spool fills within a few dozen statements: S3 is down."""
+    proxy = make_proxy(
+        recording=s3_recording(tmp_path, s3, bucket, segmentBytes=4096, maxSpoolBytes=FULL_SPOOL)
+    )
+    s3.down()
+    return proxy
+
+
+def shipping_resumes(proxy: RunningProxy, tmp_path: Path, s3: MotoServer) -> None:
+    """S3 comes back: until the spool has drained and the proxy has counted it."""
+    s3.up()
+    wait_for(lambda: not list((tmp_path / "spool").glob("*.seg")), what="the spool to drain")
+    # the shipper's process reports each removed segment; the proxy counts it then
+    port = proxy.thread.server.health_port
+    assert port is not None
+    wait_for(lambda: metric(port, "pgwarden_recording_spool_bytes") < FULL_SPOOL, what="the count")
+
+
 def test_a_full_spool_refuses_statements_until_shipping_resumes(
     make_proxy: MakeProxy, tmp_path: Path, s3: MotoServer, bucket: str, customers: None
 ) -> None:
-    proxy = make_proxy(
-        recording=s3_recording(tmp_path, s3, bucket, segmentBytes=4096, maxSpoolBytes=65536)
-    )
-    s3.down()
+    proxy = spool_that_fills(make_proxy, tmp_path, s3, bucket)
     filler = "x" * 2000
     refused: psycopg.Error | None = None
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
@@ -331,12 +352,7 @@ def test_a_full_spool_refuses_statements_until_shipping_resumes(
         assert "nothing may run unrecorded" in str(refused)
         with pytest.raises(psycopg.OperationalError, match="recording spool is full"):
             psycopg.connect(proxy.dsn())  # no new session either
-        s3.up()
-        wait_for(lambda: not list((tmp_path / "spool").glob("*.seg")), what="the spool to drain")
-        # the shipper's process reports each removed segment; the proxy counts it then
-        port = proxy.thread.server.health_port
-        assert port is not None
-        wait_for(lambda: metric(port, "pgwarden_recording_spool_bytes") < 65536, what="the count")
+        shipping_resumes(proxy, tmp_path, s3)
         assert conn.execute("SELECT 'back'").fetchone() == ("back",)
     proxy.thread.stop(grace=2)
     store = S3Store(bucket, "audit/", endpoint_url=s3.endpoint_url)
@@ -484,10 +500,7 @@ def test_a_full_spool_refuses_prepared_executions_too(
     make_proxy: MakeProxy, tmp_path: Path, s3: MotoServer, bucket: str, customers: None
 ) -> None:
     """The fast path asks the recorder before every read, as the decision point does."""
-    proxy = make_proxy(
-        recording=s3_recording(tmp_path, s3, bucket, segmentBytes=4096, maxSpoolBytes=65536)
-    )
-    s3.down()
+    proxy = spool_that_fills(make_proxy, tmp_path, s3, bucket)
     filler = "x" * 2000
     with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
         with pytest.raises(psycopg.Error) as refused:  # noqa: PT012 - until the spool fills
@@ -495,11 +508,7 @@ def test_a_full_spool_refuses_prepared_executions_too(
                 conn.execute("SELECT %s::text AS pad", (filler,))
         assert refused.value.sqlstate == "53100"
         assert "recording spool is full" in str(refused.value)
-        s3.up()
-        wait_for(lambda: not list((tmp_path / "spool").glob("*.seg")), what="the spool to drain")
-        port = proxy.thread.server.health_port
-        assert port is not None
-        wait_for(lambda: metric(port, "pgwarden_recording_spool_bytes") < 65536, what="the count")
+        shipping_resumes(proxy, tmp_path, s3)
         assert conn.execute("SELECT %s::text", ("back",)).fetchone() == ("back",)
     proxy.thread.stop(grace=2)
     store = S3Store(bucket, "audit/", endpoint_url=s3.endpoint_url)
