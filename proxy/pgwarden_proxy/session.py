@@ -914,17 +914,10 @@ class Session:
         """The event `_decide` makes, for an execution on the fast path."""
         if params is None:  # some were sent in binary
             params = m.BindMessage.parse(bind).rendered_params(entry.types)
-        identity = self.identity
-        assert identity is not None
-        info = entry.info
-        return StatementEvent(
-            self.id,  # session_id
-            self.cfg.connection,
-            identity.username,
+        return self._event(
+            entry.info,
             entry.statement,
-            info.fingerprint,
             entry.classes,
-            info.command,
             params,
             "extended",
             entry.decision,
@@ -957,13 +950,14 @@ class Session:
         """The masking rules changed (a reload): plan every prepared statement (and bound
         portal) again under the new ones, before `msg` can use one. Returns a coroutine when
         the catalog must be read first (it then handles `msg` again)."""
-        for prepared in self._prepared.values():
-            if self._plans(prepared.infos) is None:
-                infos = [i for p in self._prepared.values() for i in p.infos]
-                return self._after(self._prepare_plans(infos), msg)
+        planned: list[tuple[_Prepared, list[StatementPlan | None]]] = []
         for prepared in self._prepared.values():
             plans = self._plans(prepared.infos)
-            assert plans is not None
+            if plans is None:
+                infos = [i for p in self._prepared.values() for i in p.infos]
+                return self._after(self._prepare_plans(infos), msg)
+            planned.append((prepared, plans))
+        for prepared, plans in planned:
             # in place: an undo of the Parse that made it still finds it (`_define`)
             prepared.plans[:] = [
                 self._session_plan(i, p) for i, p in zip(prepared.infos, plans, strict=True)
@@ -1229,8 +1223,6 @@ class Session:
         protocol: str,
         plan: StatementPlan | None,
     ) -> tuple[Op, Decision]:
-        identity = self.identity
-        assert identity is not None
         if self._policy_generation != self.server.policy.generation:
             self._refresh_policy()
         decision = self.policy.decide(info)
@@ -1242,7 +1234,26 @@ class Session:
                 decision = Decision(False, None, unrecordable)
         self.statements += 1
         _, statement, classes = _shown(info)
-        ev = StatementEvent(  # positional (once per statement): in the order of its fields
+        ev = self._event(
+            info, statement, classes, params, protocol, decision.word, decision.policy, time.time()
+        )
+        return Op(ev, 0.0, plan), decision
+
+    def _event(
+        self,
+        info: StatementInfo,
+        statement: str,
+        classes: tuple[str, ...],
+        params: list[str | None] | None,
+        protocol: str,
+        decision: str,
+        policy: str | None,
+        start: float,
+    ) -> StatementEvent:
+        """A statement's event, as decided (`_decide`, `_fast_event`)."""
+        identity = self.identity
+        assert identity is not None
+        return StatementEvent(  # positional (once per statement): in the order of its fields
             self.id,  # session_id
             self.cfg.connection,
             identity.username,
@@ -1252,11 +1263,10 @@ class Session:
             info.command,
             params,
             protocol,
-            decision.word,
-            decision.policy,
-            time.time(),  # start
+            decision,
+            policy,
+            start,
         )
-        return Op(ev, 0.0, plan), decision
 
     def _refresh_policy(self) -> None:
         """Take the identity's effective policy (at login, and after each reload)."""
