@@ -829,9 +829,8 @@ class Session:
             len(prepared.infos) != 1
             or prepared.plans[0] is not None
             or self._capture is not None  # recording level `results`
-            or self.policy.masking
+            or self.policy.masking  # (and so the rewriter of server reports)
             or self._max_rows is not None
-            or self._rewriter is not None
         ):
             return None
         info = prepared.infos[0]
